@@ -1,0 +1,1 @@
+"""cli: the `spool` command, thin over spoolfs/, projections/ and events/."""

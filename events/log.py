@@ -1,0 +1,332 @@
+"""The append-only, hash-chained event log: the writer.
+
+Failure rules:
+- An append is acknowledged (its future resolves) only after the bytes are
+  written and fdatasync'ed. Many appends share one write and one fsync
+  (group commit): a committer thread takes everything pending at once.
+- Several processes may append. Each batch is written under an exclusive
+  flock on `events/.lock`, after re-reading the tail from disk, so seq stays
+  gap-free and `prev` always names the line really before it.
+- A torn tail (bytes after the last newline, or a last line that does not
+  decode, as a crash mid-write leaves it) is cut off under the lock before
+  the next write, kept in `SEGMENT.SEQ.torn`, and recorded by a
+  `log_repaired` event. Nothing before it is touched.
+- If a write or fsync fails, the segment is truncated back to where the batch
+  began and every append in the batch fails: ENOSPC/EDQUOT as StorageFull,
+  anything else as LogError. No partial line is ever left behind by us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+
+from events import clock
+from events.errors import LogError, StorageFull
+from events.schema import GENESIS, Event, LogRepaired, Record, decode_record, encode_record
+from events.segments import last_lines, list_segments, segment_name
+
+LOCK_NAME = ".lock"
+DEFAULT_SEGMENT_BYTES = 64 << 20
+
+
+def translate_os_error(exc: OSError, what: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"{what}: disk full ({exc.strerror})")
+    return LogError(f"{what}: {exc.strerror or exc}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Tail:
+    path: Path
+    size: int
+    seq: int
+    hash: str
+
+
+@dataclass
+class _Pending:
+    events: Sequence[Event]
+    actor: str
+    future: Future[list[Record]]
+
+
+class EventLog:
+    """Appends events durably. Thread-safe; one instance per process is enough."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        node: str,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        now: Callable[[], dt.datetime] = clock.now,
+    ) -> None:
+        self.directory = Path(directory)
+        self.node = node
+        self.segment_bytes = segment_bytes
+        self._now = now
+        self._tail: _Tail | None = None
+        self._fd: int | None = None
+        self._fd_path: Path | None = None
+        self._cond = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot open event log {self.directory}") from exc
+
+    # --- public API -----------------------------------------------------------
+
+    def submit(self, events: Sequence[Event], actor: str) -> Future[list[Record]]:
+        """Queue events for the next group commit; the future gives their records."""
+        future: Future[list[Record]] = Future()
+        with self._cond:
+            if self._closing:
+                raise LogError("event log is closed")
+            self._pending.append(_Pending(list(events), actor, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="event-log-committer", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def append(self, event: Event, actor: str) -> Record:
+        """Append one event and return its record once it is durable."""
+        return self.submit([event], actor).result()[0]
+
+    def append_many(self, events: Sequence[Event], actor: str) -> list[Record]:
+        return self.submit(events, actor).result()
+
+    async def append_async(self, event: Event, actor: str) -> Record:
+        records = await asyncio.wrap_future(self.submit([event], actor))
+        return records[0]
+
+    def repair(self) -> Record | None:
+        """Cut a torn tail now if there is one; return the log_repaired record."""
+        records = self.submit([], "system").result()
+        return records[0] if records else None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the committer --------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            try:
+                records = self._commit(batch)
+            except BaseException as exc:  # every waiter must hear about it
+                for item in batch:
+                    item.future.set_exception(exc)
+                continue
+            for item, recs in zip(batch, records, strict=True):
+                item.future.set_result(recs)
+
+    def _commit(self, batch: list[_Pending]) -> list[list[Record]]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            tail, repaired = self._sync_tail()
+            at = self._now()
+            lines: list[bytes] = []
+            out: list[list[Record]] = []
+            seq, prev = tail.seq, tail.hash
+
+            def add(event: Event, actor: str) -> Record:
+                nonlocal seq, prev
+                seq += 1
+                record = Record(prev=prev, seq=seq, at=at, actor=actor, node=self.node, payload=event)  # type: ignore[arg-type]
+                line = encode_record(record)
+                prev = hashlib.sha256(line).hexdigest()
+                lines.append(line)
+                return record
+
+            repair_record = add(repaired, "system") if repaired is not None else None
+            for item in batch:
+                out.append([add(e, item.actor) for e in item.events])
+            if repair_record is not None:
+                # the log_repaired record goes to whoever asked for a repair, if anyone
+                for item, recs in zip(batch, out, strict=True):
+                    if not item.events:
+                        recs.append(repair_record)
+                        break
+            if lines:
+                self._write(tail, b"\n".join(lines) + b"\n", tail.seq + 1)
+                tail.seq, tail.hash = seq, prev
+            return out
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _write(self, tail: _Tail, data: bytes, first_seq: int) -> None:
+        if tail.size > 0 and tail.size + len(data) > self.segment_bytes:
+            path = self.directory / segment_name(first_seq)
+            self._open_segment(path, create=True)
+            tail.path, tail.size = path, 0
+        fd = self._open_segment(tail.path, create=True)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fdatasync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, tail.size)
+                os.fdatasync(fd)
+            except OSError:
+                pass  # the torn-tail repair cleans it up on the next open
+            raise translate_os_error(exc, "cannot append to event log") from exc
+        tail.size += len(data)
+
+    def _open_segment(self, path: Path, *, create: bool) -> int:
+        if self._fd is not None and self._fd_path == path:
+            return self._fd
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            existed = path.exists()
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0), 0o644)
+            self._fd_path = path
+            if not existed:
+                fsync_dir(self.directory)
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot open event log segment {path}") from exc
+        return self._fd
+
+    def _sync_tail(self) -> tuple[_Tail, LogRepaired | None]:
+        """Bring the cached tail up to date with the disk (under the lock)."""
+        segments = list_segments(self.directory)
+        tail = self._tail
+        if tail is not None and segments and segments[-1] == tail.path:
+            try:
+                size = os.stat(tail.path).st_size
+            except OSError as exc:
+                raise translate_os_error(exc, "cannot stat event log") from exc
+            if size == tail.size:
+                return tail, None
+        tail, repaired = self._load_tail(segments)
+        self._tail = tail
+        return tail, repaired
+
+    def _load_tail(self, segments: list[Path]) -> tuple[_Tail, LogRepaired | None]:
+        if not segments:
+            return _Tail(self.directory / segment_name(1), 0, 0, GENESIS), None
+        current = segments[-1]
+        repaired = self._cut_torn_tail(current)
+        size = os.stat(current).st_size
+        # walk back over empty segments (a crash right after a roll leaves one)
+        for path in reversed(segments):
+            lines = last_lines(path, 1)
+            if lines:
+                try:
+                    seq = decode_record(lines[0]).seq
+                except msgspec.DecodeError as exc:
+                    raise LogError(
+                        f"event log segment {path.name}: last record does not decode; "
+                        "run `spool events verify`"
+                    ) from exc
+                return _Tail(current, size, seq, hashlib.sha256(lines[0]).hexdigest()), repaired
+        return _Tail(current, size, 0, GENESIS), repaired
+
+    def _cut_torn_tail(self, path: Path) -> LogRepaired | None:
+        try:
+            with open(path, "r+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                keep, after = _complete_prefix(f, size)
+                if keep == size:
+                    return None
+                f.seek(keep)
+                torn = f.read()
+                kept = path.with_name(f"{path.name}.{after}.torn")
+                _write_durably(kept, torn)
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot repair event log segment {path}") from exc
+        return LogRepaired(segment=path.name, torn_bytes=len(torn), kept_in=kept.name, after_seq=after)
+
+
+def _complete_prefix(f: BinaryIO, size: int) -> tuple[int, int]:
+    """(length of the prefix of complete, decodable lines, seq of its last line).
+
+    Only the end of the file is read: everything before the last two
+    newlines was acknowledged long ago and is verify's business, not ours.
+    """
+    back = 8192
+    while True:
+        back = min(back, size)
+        f.seek(size - back)
+        data = f.read(back)
+        last_nl = data.rfind(b"\n")
+        start = data.rfind(b"\n", 0, max(last_nl, 0)) + 1 if last_nl > 0 else 0
+        if back == size or (last_nl > 0 and start > 0):
+            break
+        back *= 4
+    if last_nl < 0:
+        return 0, 0  # not one complete line
+    base = size - back
+    for _ in range(2):  # a garbage last line (NULs after a crash) is torn too
+        line = data[start:last_nl]
+        try:
+            return base + last_nl + 1, decode_record(line).seq
+        except msgspec.DecodeError:
+            if start == 0:
+                return base, 0
+            last_nl = start - 1
+            start = data.rfind(b"\n", 0, last_nl) + 1
+    return base + last_nl + 1, 0
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

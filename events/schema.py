@@ -1,0 +1,181 @@
+"""The vocabulary: every event type spoolfs records, and the log record.
+
+Rules (msgspec's schema evolution):
+- Every event is a frozen, keyword-only `msgspec.Struct` tagged by `type`.
+- New fields are added only with defaults, so old records keep decoding.
+- Unknown fields are ignored on decode (a newer writer may add some);
+  an unknown `type` is an error, because a reader cannot apply it.
+- A record line is the JSON encoding of `Record`, field order fixed:
+  `{"prev":"<64 hex>","seq":N,"at":...,"actor":...,"node":...,"payload":{...}}`.
+  `prev` is the SHA-256 (hex) of the previous record's line, without its
+  newline; the first record's `prev` is 64 zeros.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal, get_args
+
+import msgspec
+
+GENESIS = "0" * 64
+
+Priority = Literal["high", "normal", "low"]
+AttemptResult = Literal["delivered", "deferred", "failed"]
+Outcome = Literal["delivered", "bounced", "expired"]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every event payload."""
+
+
+# --- messages in the spool ---------------------------------------------------
+
+
+class MessageEnqueued(Event, frozen=True, tag="message_enqueued"):
+    id: str
+    sender: str
+    recipients: list[str]
+    size: int
+    subspool: str
+    priority: Priority = "normal"
+    source: str = "cli"
+    client_ip: str = ""
+    helo: str = ""
+    session_id: str = ""
+
+
+class PrioritySet(Event, frozen=True, tag="priority_set"):
+    id: str
+    priority: Priority
+
+
+class MessageHeld(Event, frozen=True, tag="message_held"):
+    id: str
+
+
+class MessageReleased(Event, frozen=True, tag="message_released"):
+    id: str
+
+
+class MessageForced(Event, frozen=True, tag="message_forced"):
+    id: str
+
+
+class RetriesReset(Event, frozen=True, tag="retries_reset"):
+    id: str
+
+
+class MessageDeleted(Event, frozen=True, tag="message_deleted"):
+    id: str
+    reason: str = ""
+
+
+class MovedToCorrupt(Event, frozen=True, tag="moved_to_corrupt"):
+    id: str
+    reason: str
+    files: list[str] = []
+
+
+# --- delivery ----------------------------------------------------------------
+
+
+class DeliveryAttempted(Event, frozen=True, tag="delivery_attempted"):
+    id: str
+    recipient: str
+    result: AttemptResult
+    code: int = 0
+    response: str = ""
+    host: str = ""
+
+
+class MessageDeferred(Event, frozen=True, tag="message_deferred"):
+    """A delivery round ended with recipients still pending."""
+
+    id: str
+    next_attempt_at: dt.datetime
+    reason: str = ""
+
+
+class MessageFinished(Event, frozen=True, tag="message_finished"):
+    id: str
+    outcome: Outcome
+
+
+# --- the log and the spool looking after themselves --------------------------
+
+
+class LogRepaired(Event, frozen=True, tag="log_repaired"):
+    segment: str
+    torn_bytes: int
+    kept_in: str
+    after_seq: int
+
+
+class SpoolRepaired(Event, frozen=True, tag="spool_repaired"):
+    """One repair made by `spool fsck --repair`.
+
+    `action` "forgotten" removes the message from the replayed state (its
+    files had vanished); other actions only bring files back in line with
+    the log and change no state.
+    """
+
+    id: str
+    problem: str
+    action: str
+    path: str = ""
+
+
+AnyEvent = (
+    MessageEnqueued
+    | PrioritySet
+    | MessageHeld
+    | MessageReleased
+    | MessageForced
+    | RetriesReset
+    | MessageDeleted
+    | MovedToCorrupt
+    | DeliveryAttempted
+    | MessageDeferred
+    | MessageFinished
+    | LogRepaired
+    | SpoolRepaired
+)
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in get_args(AnyEvent)
+}
+
+
+class Record(msgspec.Struct, frozen=True):
+    """One line of the log: the envelope every event travels in."""
+
+    prev: str
+    seq: int
+    at: dt.datetime
+    actor: str
+    node: str
+    payload: AnyEvent
+
+    @property
+    def type(self) -> str:
+        return self.payload.__struct_config__.tag  # type: ignore[return-value]
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Record)
+
+
+def encode_record(record: Record) -> bytes:
+    """The canonical line for `record`, without the newline."""
+    return _encoder.encode(record)
+
+
+def decode_record(line: bytes) -> Record:
+    """Decode one line; raises msgspec.DecodeError (callers translate it)."""
+    return _decoder.decode(line)
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)

@@ -1,0 +1,1 @@
+"""projections: DuckDB over the event log (issue 3). Imports events/ only."""

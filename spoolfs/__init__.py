@@ -1,0 +1,1 @@
+"""spoolfs: the files on disk and the mail server that moves them."""

@@ -1,0 +1,69 @@
+"""Claims: who owns a message right now.
+
+A worker owns a message while it holds an exclusive flock on the message's
+.eml. The .eml is never rewritten, so its inode is stable for the life of
+the message; the sidecar is replaced by rename on every change, so a lock
+on it would be a lock on a file that is no longer there (DESIGN.md says
+"sidecar"; this is why we lock the body instead). A dead process releases
+its claims by dying.
+
+Failure rules: a missing .eml is MessageNotFound; a claim not obtained
+within `wait` seconds is MessageBusy ("being delivered").
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from spoolfs.durable import translate
+from spoolfs.errors import MessageBusy, MessageNotFound
+
+
+@contextmanager
+def claim(eml: Path, message_id: str, *, wait: float = 2.0) -> Iterator[int]:
+    """Hold the claim on a message; yields the open descriptor of its .eml."""
+    try:
+        fd = os.open(eml, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise MessageNotFound(f"no message {message_id} in the spool") from exc
+    except OSError as exc:
+        raise translate(exc, f"cannot open {eml}") from exc
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise MessageBusy(f"message {message_id} is being delivered; try again") from None
+                time.sleep(0.02)
+        try:
+            same = os.stat(eml).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # deleted or moved while we waited for the lock
+            raise MessageNotFound(f"no message {message_id} in the spool")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def is_claimed(eml: Path) -> bool:
+    """True if some process holds the claim (the message is being delivered)."""
+    try:
+        fd = os.open(eml, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
