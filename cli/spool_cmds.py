@@ -14,6 +14,7 @@ import typer
 from cli import output
 from cli.context import errors_to_exit, fail, open_spool
 from events import clock
+from spoolfs.addresses import normalize_sender
 from spoolfs.spool import Spool
 from spoolfs.state import Sidecar
 
@@ -151,6 +152,8 @@ def list_(
     """The messages in the spool, oldest first."""
     now = clock.now()
     rows = []
+    if sender is not None:
+        sender = normalize_sender(sender)
     with open_spool(ctx) as spool:
         for s in spool.sidecars(on_corrupt=lambda mid, why: typer.echo(f"spool: {why}", err=True)):
             if held and s.status != "held":
@@ -205,7 +208,8 @@ def _targets(spool: Spool, ids: list[str] | None, all_: bool, sender: str | None
     if all_:
         return spool.ids()
     if sender is not None:
-        return [s.id for s in spool.sidecars() if s.sender == sender]
+        wanted = normalize_sender(sender)
+        return [s.id for s in spool.sidecars() if s.sender == wanted]
     return spool.resolve(given)
 
 

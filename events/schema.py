@@ -43,6 +43,8 @@ class MessageEnqueued(Event, frozen=True, tag="message_enqueued"):
     client_ip: str = ""
     helo: str = ""
     session_id: str = ""
+    # for a DSN: the message it reports on
+    bounce_of: str = ""
 
 
 class PrioritySet(Event, frozen=True, tag="priority_set"):
@@ -100,6 +102,41 @@ class MessageDeferred(Event, frozen=True, tag="message_deferred"):
 class MessageFinished(Event, frozen=True, tag="message_finished"):
     id: str
     outcome: Outcome
+    # the DSN sent to the sender for failed recipients, if any
+    dsn_id: str = ""
+
+
+class DelayWarned(Event, frozen=True, tag="delay_warned"):
+    """A delay warning DSN was sent to the sender (once a message)."""
+
+    id: str
+    dsn_id: str
+
+
+# --- users and services ------------------------------------------------------
+
+
+class UserCreated(Event, frozen=True, tag="user_created"):
+    address: str
+
+
+class UserDeleted(Event, frozen=True, tag="user_deleted"):
+    address: str
+
+
+class ServiceStarted(Event, frozen=True, tag="service_started"):
+    """A service was asked to start (actor cli:...) or did start (actor system)."""
+
+    name: str
+    pid: int = 0
+
+
+class ServiceStopped(Event, frozen=True, tag="service_stopped"):
+    """A service was asked to stop (actor cli:...) or did stop (actor system)."""
+
+    name: str
+    pid: int = 0
+    reason: str = ""
 
 
 # --- the log and the spool looking after themselves --------------------------
@@ -138,6 +175,11 @@ AnyEvent = (
     | DeliveryAttempted
     | MessageDeferred
     | MessageFinished
+    | DelayWarned
+    | UserCreated
+    | UserDeleted
+    | ServiceStarted
+    | ServiceStopped
     | LogRepaired
     | SpoolRepaired
 )

@@ -34,18 +34,19 @@ def _bad(address: str, why: str) -> InvalidAddress:
 
 def parse_mailbox(address: str) -> tuple[str, str]:
     """Return (local part, lower-cased domain) or raise InvalidAddress."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+    if any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in address):
         raise _bad(address, "control character")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in address):
+        raise _bad(address, "not valid UTF-8")
     if address.startswith("<") or address.endswith(">"):
         raise _bad(address, "angle brackets belong to the SMTP command, not the address")
     if address.startswith("@"):
         raise _bad(address, "source routes are not accepted")
-    if len(address.encode()) > 254:
-        raise _bad(address, "longer than 254 octets")
     at = address.rfind("@")
     if at <= 0:
         raise _bad(address, "no local part and domain")
-    local, domain = address[:at], address[at + 1 :]
+    # lower-case before checking: lowering can lengthen a domain ("İ" -> "i̇")
+    local, domain = address[:at], address[at + 1 :].lower()
     if local.startswith('"'):
         if not _QUOTED.match(local):
             raise _bad(address, "malformed quoted local part")
@@ -53,7 +54,10 @@ def parse_mailbox(address: str) -> tuple[str, str]:
         raise _bad(address, "malformed local part")
     if len(local.encode()) > 64:
         raise _bad(address, "local part longer than 64 octets")
-    return local, _check_domain(address, domain)
+    domain = _check_domain(address, domain)
+    if len(local.encode()) + 1 + len(domain.encode()) > 254:
+        raise _bad(address, "longer than 254 octets")
+    return local, domain
 
 
 def _check_domain(address: str, domain: str) -> str:

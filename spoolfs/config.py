@@ -11,6 +11,7 @@ A relative `data_dir` is relative to the directory of the config file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -30,6 +31,50 @@ class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     segment_bytes: int = 64 << 20
 
 
+class SmtpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Where the SMTP listener binds (HOST:PORT); loopback by default.
+    listen: str = "127.0.0.1:2525"
+    # Name in the greeting and the Received header; defaults to the node name.
+    hostname: str = ""
+    # SMTP worker processes sharing the port (SO_REUSEPORT); 0 = one per core.
+    workers: int = 0
+    # Largest message accepted, in bytes (552 5.3.4 beyond).
+    max_message_size: int = 10 << 20
+    # Recipients accepted per message (452 4.5.3 beyond).
+    max_recipients: int = 100
+    # Longest line accepted, in bytes without CRLF (RFC 5321: 998).
+    max_line_length: int = 998
+    # Simultaneous connections from one client address (421 4.7.0 beyond).
+    max_connections_per_client: int = 50
+    # Seconds a client may stay silent before it is disconnected.
+    command_timeout: float = 300.0
+    # Mail to these domains is delivered here (Maildir), from anyone.
+    local_domains: list[str] = []
+    # Clients in these networks may relay to any domain.
+    mynetworks: list[str] = []
+
+
+class DeliveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Deliveries in flight at once, and at most this many per destination domain.
+    concurrency: int = 20
+    per_domain: int = 5
+    # Retry backoff: doubling from min to max seconds.
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    # After this many seconds in the spool, what is still pending bounces.
+    lifetime: float = 5 * 86400.0
+    # Send one delay warning DSN after this many seconds (0: never).
+    delay_warning: float = 0.0
+    # Send everything to this smarthost (HOST:PORT) instead of looking up MX.
+    relayhost: str = ""
+    # Port of remote SMTP servers (25 in the real world; tests use others).
+    smtp_port: int = 25
+    # DNS resolver for MX lookups (HOST:PORT); empty: the system's.
+    dns: str = ""
+    # Seconds for connecting and for each SMTP command of a delivery.
+    timeout: float = 60.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Where the spool, the event log, quarantine and mailboxes live.
     data_dir: str = ""
@@ -38,6 +83,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Number of subspool directories (spool/00 .. spool/NN); fixed once a spool exists.
     subspools: int = 16
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
 
     # resolved after loading
     source: str = "(embedded defaults)"
@@ -100,9 +147,57 @@ def load_config(path: str | os.PathLike[str] | None = None, *, data_dir: str | N
 def _validate(source: str, config: Config, data: Path, node: str) -> None:
     if data.exists() and not data.is_dir():
         raise _fail(source, "data_dir", f"{data} exists and is not a directory")
-    if not _NODE_RE.match(node):
+    if not _NODE_RE.fullmatch(node):
         raise _fail(source, "node", f"{node!r} is not a valid node name (letters, digits, . _ -)")
     if not 1 <= config.subspools <= 256:
         raise _fail(source, "subspools", "must be between 1 and 256")
     if config.events.segment_bytes < 4096:
         raise _fail(source, "events.segment_bytes", "must be at least 4096")
+    for key, value in (
+        ("smtp.listen", config.smtp.listen),
+        ("delivery.relayhost", config.delivery.relayhost),
+        ("delivery.dns", config.delivery.dns),
+    ):
+        if value or key == "smtp.listen":
+            try:
+                parse_hostport(value)
+            except ValueError as exc:
+                raise _fail(source, key, str(exc)) from None
+    for net in config.smtp.mynetworks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise _fail(source, "smtp.mynetworks", f"{net!r} is not a network (CIDR)") from None
+    for domain in config.smtp.local_domains:
+        if not domain or "@" in domain or domain.endswith("."):
+            raise _fail(source, "smtp.local_domains", f"{domain!r} is not a domain name")
+    positive: dict[str, float] = {
+        "smtp.max_message_size": config.smtp.max_message_size,
+        "smtp.max_recipients": config.smtp.max_recipients,
+        "smtp.max_line_length": config.smtp.max_line_length,
+        "smtp.max_connections_per_client": config.smtp.max_connections_per_client,
+        "smtp.command_timeout": config.smtp.command_timeout,
+        "delivery.concurrency": config.delivery.concurrency,
+        "delivery.per_domain": config.delivery.per_domain,
+        "delivery.min_backoff": config.delivery.min_backoff,
+        "delivery.max_backoff": config.delivery.max_backoff,
+        "delivery.lifetime": config.delivery.lifetime,
+        "delivery.timeout": config.delivery.timeout,
+    }
+    for key, number in positive.items():
+        if number <= 0:
+            raise _fail(source, key, "must be greater than 0")
+    if config.smtp.workers < 0:
+        raise _fail(source, "smtp.workers", "must be 0 (one per core) or more")
+    if config.delivery.max_backoff < config.delivery.min_backoff:
+        raise _fail(source, "delivery.max_backoff", "must not be less than delivery.min_backoff")
+    if not 0 < config.delivery.smtp_port < 65536:
+        raise _fail(source, "delivery.smtp_port", "must be a TCP port (1-65535)")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); ValueError naming the problem."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)

@@ -31,7 +31,7 @@ def new_id() -> str:
 
 def check_id(value: str) -> str:
     """Return `value` if it is a message ID, else raise InvalidId naming it."""
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         shown = value if len(value) <= 60 else value[:57] + "..."
         raise InvalidId(f"not a message ID: {shown!r}")
     return value

@@ -53,6 +53,8 @@ class Sidecar(msgspec.Struct, kw_only=True):
     client_ip: str = ""
     helo: str = ""
     session_id: str = ""
+    bounce_of: str = ""
+    warned: bool = False
     seq: int = 0
 
     @property
@@ -93,6 +95,7 @@ def apply(state: Sidecar | None, record: Record) -> Sidecar | None:
             client_ip=e.client_ip,
             helo=e.helo,
             session_id=e.session_id,
+            bounce_of=e.bounce_of,
             seq=record.seq,
         )
     if state is None:
@@ -127,6 +130,8 @@ def apply(state: Sidecar | None, record: Record) -> Sidecar | None:
             state.forced = False
             if state.status != "held":
                 state.status = "deferred"
+        case ev.DelayWarned():
+            state.warned = True
         case ev.MessageDeleted() | ev.MovedToCorrupt() | ev.MessageFinished():
             return None
         case ev.SpoolRepaired(action="forgotten"):
