@@ -131,6 +131,8 @@ class EventLog:
         return records[0] if records else None
 
     def close(self) -> None:
+        if self._lock_fd < 0:
+            return
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -140,6 +142,7 @@ class EventLog:
             os.close(self._fd)
             self._fd = None
         os.close(self._lock_fd)
+        self._lock_fd = -1
 
     def __enter__(self) -> EventLog:
         return self
@@ -170,7 +173,7 @@ class EventLog:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             tail, repaired = self._sync_tail()
-            at = self._now()
+            at = clock.utc(self._now())
             lines: list[bytes] = []
             out: list[list[Record]] = []
             seq, prev = tail.seq, tail.hash
@@ -256,7 +259,7 @@ class EventLog:
         if not segments:
             return _Tail(self.directory / segment_name(1), 0, 0, GENESIS), None
         current = segments[-1]
-        repaired = self._cut_torn_tail(current)
+        repaired = self._cut_torn_tail(current, segments[:-1])
         size = os.stat(current).st_size
         # walk back over empty segments (a crash right after a roll leaves one)
         for path in reversed(segments):
@@ -272,13 +275,19 @@ class EventLog:
                 return _Tail(current, size, seq, hashlib.sha256(lines[0]).hexdigest()), repaired
         return _Tail(current, size, 0, GENESIS), repaired
 
-    def _cut_torn_tail(self, path: Path) -> LogRepaired | None:
+    def _cut_torn_tail(self, path: Path, earlier: list[Path]) -> LogRepaired | None:
         try:
             with open(path, "r+b") as f:
                 size = f.seek(0, os.SEEK_END)
                 keep, after = _complete_prefix(f, size)
                 if keep == size:
                     return None
+                if keep == 0:  # nothing of this segment survives: the seq before is in an earlier one
+                    for older in reversed(earlier):
+                        lines = last_lines(older, 1)
+                        if lines:
+                            after = _seq_of(lines[0]) or 0
+                            break
                 f.seek(keep)
                 torn = f.read()
                 kept = path.with_name(f"{path.name}.{after}.torn")
@@ -294,32 +303,43 @@ class EventLog:
 def _complete_prefix(f: BinaryIO, size: int) -> tuple[int, int]:
     """(length of the prefix of complete, decodable lines, seq of its last line).
 
-    Only the end of the file is read: everything before the last two
-    newlines was acknowledged long ago and is verify's business, not ours.
+    Only the end of the file is read: the last complete line and the one
+    before it (in case the last is garbage a crash left, such as NULs). The
+    window widens until both lines are whole, so a line is never decoded
+    from its middle.
     """
     back = 8192
     while True:
         back = min(back, size)
         f.seek(size - back)
         data = f.read(back)
+        base = size - back
         last_nl = data.rfind(b"\n")
-        start = data.rfind(b"\n", 0, max(last_nl, 0)) + 1 if last_nl > 0 else 0
-        if back == size or (last_nl > 0 and start > 0):
-            break
-        back *= 4
-    if last_nl < 0:
-        return 0, 0  # not one complete line
-    base = size - back
-    for _ in range(2):  # a garbage last line (NULs after a crash) is torn too
-        line = data[start:last_nl]
-        try:
-            return base + last_nl + 1, decode_record(line).seq
-        except msgspec.DecodeError:
-            if start == 0:
-                return base, 0
-            last_nl = start - 1
-            start = data.rfind(b"\n", 0, last_nl) + 1
-    return base + last_nl + 1, 0
+        if last_nl < 0:
+            if base == 0:
+                return 0, 0  # not one complete line
+            back *= 4
+            continue
+        start = data.rfind(b"\n", 0, last_nl) + 1
+        before = data.rfind(b"\n", 0, start - 1) + 1 if start > 0 else 0
+        if base > 0 and (start == 0 or before == 0):
+            back *= 4
+            continue
+        break
+    seq = _seq_of(data[start:last_nl])
+    if seq is not None:
+        return base + last_nl + 1, seq
+    if start == 0:
+        return 0, 0  # the only line is garbage
+    # the last line is garbage: cut it if the one before is a record
+    return base + start, _seq_of(data[before : start - 1]) or 0
+
+
+def _seq_of(line: bytes) -> int | None:
+    try:
+        return decode_record(line).seq
+    except msgspec.DecodeError:
+        return None
 
 
 def _write_durably(path: Path, data: bytes) -> None:

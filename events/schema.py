@@ -205,7 +205,27 @@ class Record(msgspec.Struct, frozen=True):
         return self.payload.__struct_config__.tag  # type: ignore[return-value]
 
 
-_encoder = msgspec.json.Encoder()
+def enc_hook(obj: object) -> object:
+    """Encode datetime subclasses (freezegun's FakeDatetime) exactly as msgspec
+    encodes a datetime: RFC 3339, microseconds only when non-zero, Z for UTC."""
+    if isinstance(obj, dt.datetime):
+        offset = obj.utcoffset()
+        if offset is None:
+            raise TypeError("naive datetimes are not recorded; use events.clock")
+        text = (
+            f"{obj.year:04d}-{obj.month:02d}-{obj.day:02d}T{obj.hour:02d}:{obj.minute:02d}:{obj.second:02d}"
+        )
+        if obj.microsecond:
+            text += f".{obj.microsecond:06d}"
+        minutes = int(offset.total_seconds()) // 60
+        if minutes == 0:
+            return text + "Z"
+        sign = "+" if minutes > 0 else "-"
+        return text + f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=enc_hook)
 _decoder = msgspec.json.Decoder(Record)
 
 

@@ -65,12 +65,14 @@ def _check_file(path: Path) -> _SegmentResult:
         try:
             rec = decode_record(first)
             first_seq, first_prev = rec.seq, rec.prev.encode()
-        except msgspec.DecodeError as exc:
-            return _SegmentResult(count=0, error=f"record does not decode ({exc})", error_seq=0)
+        except msgspec.DecodeError:
+            first_seq, first_prev = 0, b""  # _join explains the first line
     try:
         last_seq, last_hash = _check_segment(lines, first_seq - 1, first_prev, path)
     except ChainBroken as exc:
-        return _SegmentResult(count=0, error=str(exc), error_seq=exc.seq)
+        return _SegmentResult(
+            count=0, first_seq=first_seq, first_prev=first_prev, error=str(exc), error_seq=exc.seq
+        )
     return _SegmentResult(
         count=len(lines),
         first_seq=first_seq,
@@ -106,6 +108,10 @@ def _join(
     seq, prev = 0, GENESIS.encode()
     last_line, last_path, torn = b"", None, 0
     for index, (path, res) in enumerate(zip(segments, results, strict=True)):
+        if res.first_seq or res.error:
+            if res.first_seq != seq + 1 or res.first_prev != prev:
+                # the segment's first line does not continue the chain: explain it
+                _explain(_first_line(path), seq + 1, prev, path, previous=last_path)
         if res.error:
             raise ChainBroken(res.error, seq=res.error_seq, segment=path.name)
         if res.torn and index != len(segments) - 1:
@@ -116,9 +122,6 @@ def _join(
             )
         torn = res.torn
         if res.count:
-            if res.first_seq != seq + 1 or res.first_prev != prev:
-                # the segment's first line does not continue the chain: explain it
-                _explain(_first_line(path), seq + 1, prev, path)
             seq, prev = res.last_seq, res.last_hash
             last_line, last_path = res.last_line, path
         if progress is not None:
@@ -150,22 +153,29 @@ def _check_segment(lines: list[bytes], seq: int, prev: bytes, path: Path) -> tup
     expected_prevs = [prev, *hashes[:-1]]
     try:
         seqs = [int(line[SEQ_START : line.find(b",", SEQ_START)]) for line in lines]
-    except ValueError:
-        seqs = []
+    except ValueError:  # some line is damaged: find it line by line
+        seqs = [_seq_or_none(line) for line in lines]
     expected_seqs = list(range(seq + 1, seq + 1 + len(lines)))
     if prevs != expected_prevs or seqs != expected_seqs:
         for i, line in enumerate(lines):
-            ok_seq = bool(seqs) and seqs[i] == expected_seqs[i]
+            ok_seq = seqs[i] == expected_seqs[i]
             if prevs[i] != expected_prevs[i] or not ok_seq:
                 _explain(line, expected_seqs[i], expected_prevs[i], path)
     return expected_seqs[-1], hashes[-1]
+
+
+def _seq_or_none(line: bytes) -> int | None:
+    try:
+        return int(line[SEQ_START : line.find(b",", SEQ_START)])
+    except ValueError:
+        return None
 
 
 def _break(line: bytes, seq: int, path: Path, why: str) -> None:
     raise ChainBroken(f"seq {seq} in segment {path.name}: {why}", seq=seq, segment=path.name)
 
 
-def _explain(line: bytes, expected_seq: int, prev: bytes, path: Path) -> None:
+def _explain(line: bytes, expected_seq: int, prev: bytes, path: Path, previous: Path | None = None) -> None:
     """Say precisely what is wrong with `line`, which failed the fast checks."""
     try:
         record = decode_record(line)
@@ -187,7 +197,7 @@ def _explain(line: bytes, expected_seq: int, prev: bytes, path: Path) -> None:
         _break(
             line,
             expected_seq - 1,
-            path,
+            previous or path,
             f"record was altered: its hash does not match the prev of seq {expected_seq}",
         )
     _break(line, expected_seq, path, "record is not in canonical form")

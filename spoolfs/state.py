@@ -62,7 +62,7 @@ class Sidecar(msgspec.Struct, kw_only=True):
         return sum(1 for r in self.recipients if r.state == "delivered")
 
 
-_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder(enc_hook=ev.enc_hook)
 _decoder = msgspec.json.Decoder(Sidecar)
 
 
