@@ -108,10 +108,9 @@ def _join(
     seq, prev = 0, GENESIS.encode()
     last_line, last_path, torn = b"", None, 0
     for index, (path, res) in enumerate(zip(segments, results, strict=True)):
-        if res.first_seq or res.error:
-            if res.first_seq != seq + 1 or res.first_prev != prev:
-                # the segment's first line does not continue the chain: explain it
-                _explain(_first_line(path), seq + 1, prev, path, previous=last_path)
+        if (res.first_seq or res.error) and (res.first_seq != seq + 1 or res.first_prev != prev):
+            # the segment's first line does not continue the chain: explain it
+            _explain(_first_line(path), seq + 1, prev, path, previous=last_path)
         if res.error:
             raise ChainBroken(res.error, seq=res.error_seq, segment=path.name)
         if res.torn and index != len(segments) - 1:
@@ -151,6 +150,7 @@ def _check_segment(lines: list[bytes], seq: int, prev: bytes, path: Path) -> tup
     hashes = [sha256(line).hexdigest().encode() for line in lines]
     prevs = [line[PREV_START:PREV_END] for line in lines]
     expected_prevs = [prev, *hashes[:-1]]
+    seqs: list[int | None]
     try:
         seqs = [int(line[SEQ_START : line.find(b",", SEQ_START)]) for line in lines]
     except ValueError:  # some line is damaged: find it line by line
