@@ -195,6 +195,34 @@ def _validate(source: str, config: Config, data: Path, node: str) -> None:
         raise _fail(source, "delivery.smtp_port", "must be a TCP port (1-65535)")
 
 
+class Overrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What `spool serve` flags change over the config file."""
+
+    smtp: str | None = None
+    local_domains: list[str] = []
+    mynetworks: list[str] = []
+    relayhost: str | None = None
+    dns: str | None = None
+
+
+def apply_overrides(config: Config, o: Overrides) -> Config:
+    """The config with the flags applied, validated again (ConfigError naming the flag)."""
+    smtp = msgspec.structs.replace(
+        config.smtp,
+        listen=o.smtp if o.smtp is not None else config.smtp.listen,
+        local_domains=sorted({*config.smtp.local_domains, *(d.lower() for d in o.local_domains)}),
+        mynetworks=[*config.smtp.mynetworks, *o.mynetworks],
+    )
+    delivery = msgspec.structs.replace(
+        config.delivery,
+        relayhost=o.relayhost if o.relayhost is not None else config.delivery.relayhost,
+        dns=o.dns if o.dns is not None else config.delivery.dns,
+    )
+    new = msgspec.structs.replace(config, smtp=smtp, delivery=delivery)
+    _validate("command line", new, Path(new.data_dir), new.node)
+    return new
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' -> (host, port); ValueError naming the problem."""
     host, sep, port = value.rpartition(":")

@@ -92,14 +92,20 @@ class Spool:
         helo: str = "",
         session_id: str = "",
         actor: str | None = None,
+        message_id: str | None = None,
+        bounce_of: str = "",
     ) -> Sidecar:
-        """Store a message durably and return its sidecar."""
+        """Store a message durably and return its sidecar.
+
+        `message_id` lets a caller name the message before it exists (the
+        SMTP server puts it in the Received header); it must be new_id()'s.
+        """
         sender = normalize_sender(sender)
         rcpts = [normalize(r) for r in recipients]
         if not rcpts:
             raise InvalidAddress("a message needs at least one recipient")
         rcpts = list(dict.fromkeys(rcpts))  # one delivery per recipient
-        mid = new_id()
+        mid = check_id(message_id) if message_id is not None else new_id()
         nn = self.layout.subspool_of(mid)
         tmp_eml = self.layout.tmp_eml(mid)
         # The claim is taken on the body while it is still in tmp/ and held
@@ -120,6 +126,7 @@ class Spool:
                         client_ip=client_ip,
                         helo=helo,
                         session_id=session_id,
+                        bounce_of=bounce_of,
                     ),
                     actor or self.actor,
                 )
@@ -252,6 +259,30 @@ class Spool:
             if progress is not None:
                 progress(len(chunk))
         return changed
+
+    def record(self, state: Sidecar, events: list[ev.Event], actor: str | None = None) -> Sidecar | None:
+        """Append events for a message the caller has claimed; update its files.
+
+        One group commit for all of them; then the sidecar is rewritten, or,
+        if the message left the spool, its files are removed.
+        """
+        if not events:
+            return state
+        records = self.log.append_many(events, actor or self.actor)
+        current: Sidecar | None = state
+        for record in records:
+            current = apply(current, record)
+            if current is None:
+                break
+        if current is None:
+            self._remove_files(state.id)
+        else:
+            self._write_sidecar(current)
+        return current
+
+    def read_claimed(self, message_id: str) -> Sidecar:
+        """The sidecar of a message the caller holds the claim on."""
+        return self._read_sidecar(message_id)
 
     # --- files -------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""`spool serve`: a small supervisor over worker processes (like Postfix's master)."""

@@ -1,0 +1,1 @@
+"""SMTP in: aiosmtpd owns the wire, our handler owns the policy."""
