@@ -31,9 +31,10 @@ unit: install
 
 test: system-deps install lint unit
 
-# The server on the embedded default: data in var/ of this checkout, loopback only.
+# The server on the embedded default: data in var/ of this checkout, SMTP on
+# 127.0.0.1:2525, loopback clients trusted to relay, `localhost` a local domain.
 run: install
-	$(VENV)/bin/spool demo
+	$(VENV)/bin/spool serve --mynetworks 127.0.0.0/8 --local-domain localhost
 
 bench: install
 	@echo "see BENCHMARKS.md for the command of each figure"
