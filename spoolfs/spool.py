@@ -2,9 +2,9 @@
 
 Failure rules:
 - Enqueue: the body is written to tmp/ and fsynced, the `message_enqueued`
-  event is appended (durable), the body is renamed into its subspool and
-  the directory fsynced, then the sidecar is written the same way. Only
-  then does enqueue return. A crash before the event leaves a tmp/ file
+  event is appended (durable), the body is renamed into its subspool, then
+  the sidecar is written (fsynced) and renamed beside it, and the directory
+  fsynced once for both names. Only then does enqueue return. A crash before the event leaves a tmp/ file
   that fsck removes (nothing was acknowledged); a crash after it leaves a
   message fsck completes from the log.
 - Every change claims the message (flock on its .eml), appends its event,
@@ -133,7 +133,10 @@ class Spool:
             except BaseException:
                 durable.unlink_quietly(tmp_eml)
                 raise
-            durable.publish(tmp_eml, self.layout.eml(mid))
+            # No directory fsync here: the sidecar's rename into the same
+            # directory is fsynced next, which makes both names durable, in
+            # order (a crash in between leaves what fsck finishes from the log).
+            durable.publish(tmp_eml, self.layout.eml(mid), sync=False)
             sidecar = apply(None, record)
             assert sidecar is not None
             self._write_sidecar(sidecar)

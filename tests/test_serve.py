@@ -290,3 +290,29 @@ def test_sigkill_during_ingest_and_delivery_loses_nothing(tmp_path: Path) -> Non
     assert cli(data, "events", "verify").returncode == 0
     check = cli(data, "fsck")  # the supervisor's recovery at each start mended every crash
     assert check.returncode == 0, check.stdout
+
+
+def test_sighup_reloads_the_config(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    with serve(data, port) as proc:
+        assert cli(data, "users", "add", "dora@late.test").returncode == 0
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            send(port, "dora@late.test")  # not a local domain yet: relay denied
+        (tmp_path / f"spool-{port}.toml").write_text('[smtp]\nlocal_domains = ["late.test"]\n')
+        proc.send_signal(signal.SIGHUP)
+        log = tmp_path / f"serve-{port}.log"
+        wait_until(lambda: "configuration reloaded" in log.read_text(), 10, "the reload")
+
+        def accepted() -> bool:
+            try:
+                send(port, "dora@late.test")
+                return True
+            except smtplib.SMTPRecipientsRefused:
+                return False
+
+        wait_until(accepted, 10, "the new local domain to be accepted")
+        (tmp_path / f"spool-{port}.toml").write_text("[smtp]\nbogus = 1\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in log.read_text(), 10, "a bad config to be refused")
+        assert proc.poll() is None
+        send(port, "dora@late.test")  # still serving with the last good config
