@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli import events_cmds, serve_cmds, spool_cmds
+from cli import events_cmds, quarantine_cmds, serve_cmds, spool_cmds
 from cli.context import State, errors_to_exit, open_spool
 from cli.output import json_line
 from spoolfs.fsck import fsck as run_fsck
@@ -39,6 +39,7 @@ app.add_typer(events_cmds.app, name="events")
 app.command()(serve_cmds.serve)
 app.add_typer(serve_cmds.services_app, name="services")
 app.add_typer(serve_cmds.users_app, name="users")
+app.add_typer(quarantine_cmds.app, name="quarantine")
 
 
 @app.command()

@@ -23,6 +23,8 @@ GENESIS = "0" * 64
 Priority = Literal["high", "normal", "low"]
 AttemptResult = Literal["delivered", "deferred", "failed"]
 Outcome = Literal["delivered", "bounced", "expired"]
+QuarantineKind = Literal["spam", "virus"]
+ScanFailureAction = Literal["tempfail", "accept"]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -139,6 +141,81 @@ class ServiceStopped(Event, frozen=True, tag="service_stopped"):
     reason: str = ""
 
 
+# --- scanning and quarantine -------------------------------------------------
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    """What the scanners said of one message (not an event: part of some).
+
+    `checked` names the scanners that answered ("clamd", "spamd"); a
+    scanner not configured, or skipped (a message over the spam size
+    limit), is not in it.
+    """
+
+    virus: str = ""  # clamd's signature name; "" when none was found
+    score: float = 0.0  # spamd's score
+    threshold: float = 0.0  # the spam threshold the score was compared with
+    rules: list[str] = []  # the spamd rules that matched
+    checked: list[str] = []
+
+
+class MessageQuarantined(Event, frozen=True, tag="message_quarantined"):
+    """A scanned message was kept in quarantine/KIND/ instead of the spool.
+
+    Its ID is a normal message ID; it never enters the spool under it.
+    """
+
+    id: str
+    kind: QuarantineKind
+    verdict: Verdict
+    sender: str
+    recipients: list[str]
+    size: int
+    remove_at: dt.datetime
+    source: str = "smtp"
+    client_ip: str = ""
+    helo: str = ""
+    session_id: str = ""
+
+
+class QuarantineResent(Event, frozen=True, tag="quarantine_resent"):
+    """A quarantined message went back to the spool as `new_id` (actor: who)."""
+
+    id: str
+    new_id: str
+    kind: QuarantineKind = "spam"
+
+
+class QuarantineDeleted(Event, frozen=True, tag="quarantine_deleted"):
+    id: str
+    kind: QuarantineKind
+    reason: str = ""
+
+
+class QuarantinePurged(Event, frozen=True, tag="quarantine_purged"):
+    """A quarantined message reached its removal time and was removed."""
+
+    id: str
+    kind: QuarantineKind
+    remove_at: dt.datetime
+
+
+class ScannerUnavailable(Event, frozen=True, tag="scanner_unavailable"):
+    """A scanner was down, timed out or answered nonsense during DATA.
+
+    `action` "tempfail": the client got 451 4.7.1 and nothing was kept
+    (`id` empty). "accept": the message `id` was spooled unscanned (its
+    sidecar says `unscanned`).
+    """
+
+    scanners: list[str]
+    reason: str
+    action: ScanFailureAction
+    id: str = ""
+    client_ip: str = ""
+    session_id: str = ""
+
+
 # --- the log and the spool looking after themselves --------------------------
 
 
@@ -180,6 +257,11 @@ AnyEvent = (
     | UserDeleted
     | ServiceStarted
     | ServiceStopped
+    | MessageQuarantined
+    | QuarantineResent
+    | QuarantineDeleted
+    | QuarantinePurged
+    | ScannerUnavailable
     | LogRepaired
     | SpoolRepaired
 )

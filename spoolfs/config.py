@@ -16,6 +16,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -75,6 +76,32 @@ class DeliveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout: float = 60.0
 
 
+class ScanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Scan mail during DATA, before the 250 (clamd for viruses, spamd for spam).
+    enabled: bool = False
+    # clamd's address: HOST:PORT, or the path of its unix socket; "" = no virus scan.
+    clamd: str = "127.0.0.1:3310"
+    # spamd's address: HOST:PORT, or the path of its unix socket; "" = no spam scan.
+    spamd: str = "127.0.0.1:783"
+    # Spam at or over this score is quarantined; unset: spamd's own threshold.
+    spam_threshold: float | None = None
+    # Messages larger than this (bytes) are not sent to spamd (spamc's own default).
+    spam_max_size: int = 512000
+    # Seconds for both scanners' round trips (they run at the same time).
+    timeout: float = 30.0
+    # false: only mail from trusted networks (relayed, outgoing) is scanned;
+    # true: incoming mail too.
+    scan_incoming: bool = False
+    # A scanner down or timing out: "tempfail" answers 451 4.7.1 (the client
+    # retries later); "accept" spools the message unscanned, and says so.
+    on_failure: Literal["tempfail", "accept"] = "tempfail"
+    # Days a quarantined message is kept before the purge removes it (1-30).
+    retention_days: int = 30
+
+
+MAX_RETENTION_DAYS = 30
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Where the spool, the event log, quarantine and mailboxes live.
     data_dir: str = ""
@@ -85,6 +112,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     smtp: SmtpConfig = msgspec.field(default_factory=SmtpConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    scan: ScanConfig = msgspec.field(default_factory=ScanConfig)
 
     # resolved after loading
     source: str = "(embedded defaults)"
@@ -193,6 +221,34 @@ def _validate(source: str, config: Config, data: Path, node: str) -> None:
         raise _fail(source, "delivery.max_backoff", "must not be less than delivery.min_backoff")
     if not 0 < config.delivery.smtp_port < 65536:
         raise _fail(source, "delivery.smtp_port", "must be a TCP port (1-65535)")
+    _validate_scan(source, config.scan)
+
+
+def _validate_scan(source: str, scan: ScanConfig) -> None:
+    for key, value in (("scan.clamd", scan.clamd), ("scan.spamd", scan.spamd)):
+        if value:
+            try:
+                parse_scanner_address(value)
+            except ValueError as exc:
+                raise _fail(source, key, str(exc)) from None
+    if scan.enabled and not (scan.clamd or scan.spamd):
+        raise _fail(source, "scan.enabled", "needs scan.clamd or scan.spamd (both are empty)")
+    if scan.timeout <= 0:
+        raise _fail(source, "scan.timeout", "must be greater than 0")
+    if scan.spam_max_size <= 0:
+        raise _fail(source, "scan.spam_max_size", "must be greater than 0")
+    if not 1 <= scan.retention_days <= MAX_RETENTION_DAYS:
+        raise _fail(
+            source, "scan.retention_days", f"must be between 1 and {MAX_RETENTION_DAYS} (days in quarantine)"
+        )
+
+
+def parse_scanner_address(value: str) -> tuple[str, int] | str:
+    """A scanner's address: 'host:port' -> (host, port); '/path' or 'unix:/path' -> the path."""
+    path = value.removeprefix("unix:")
+    if path.startswith("/"):
+        return path
+    return parse_hostport(value)
 
 
 class Overrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -55,6 +55,8 @@ class Sidecar(msgspec.Struct, kw_only=True):
     session_id: str = ""
     bounce_of: str = ""
     warned: bool = False
+    # accepted while a scanner was unavailable (scan.on_failure = "accept")
+    unscanned: bool = False
     seq: int = 0
 
     @property
@@ -132,6 +134,8 @@ def apply(state: Sidecar | None, record: Record) -> Sidecar | None:
                 state.status = "deferred"
         case ev.DelayWarned():
             state.warned = True
+        case ev.ScannerUnavailable():
+            state.unscanned = True
         case ev.MessageDeleted() | ev.MovedToCorrupt() | ev.MessageFinished():
             return None
         case ev.SpoolRepaired(action="forgotten"):

@@ -179,6 +179,12 @@ def test_a_dead_worker_is_restarted_and_the_rest_go_on(tmp_path: Path) -> None:
             out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False)
             return [int(p) for p in out.stdout.split()]
 
+        def listeners() -> int:
+            """Sockets listening on the port: one per SMTP worker (SO_REUSEPORT)."""
+            rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+            return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
+
+        wait_until(lambda: listeners() >= 2, 15, "both SMTP workers to listen")
         before = workers()
         assert len(before) >= 4
         os.kill(before[0], signal.SIGKILL)

@@ -16,6 +16,7 @@ import time
 from typing import Protocol
 
 from spoolfs.config import Config
+from spoolfs.quarantine import Quarantine
 from spoolfs.smtp.server import SmtpServer
 from spoolfs.spool import Spool
 
@@ -40,13 +41,16 @@ class SmtpService:
 
 
 class PurgeService:
-    """Removes tmp/ debris older than a day (an enqueue never takes that long)."""
+    """Removes tmp/ debris older than a day (an enqueue never takes that long),
+    and quarantined messages whose time is up (a `quarantine_purged` event
+    each), after finishing what a crash left half-done in the quarantine."""
 
     MAX_AGE = 86400.0
     INTERVAL = 600.0
 
     def __init__(self, config: Config, spool: Spool) -> None:
         self.spool = spool
+        self.reload(config)
 
     def purge_once(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
@@ -60,14 +64,23 @@ class PurgeService:
                     removed += 1
         return removed
 
+    def purge_quarantine(self) -> int:
+        """Expired quarantine entries removed (the clock is events.clock)."""
+        self.quarantine.recover()
+        return len(self.quarantine.purge())
+
+    def _round(self) -> None:
+        self.purge_once()
+        self.purge_quarantine()
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await asyncio.to_thread(self.purge_once)
+            await asyncio.to_thread(self._round)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.INTERVAL)
 
     def reload(self, config: Config) -> None:
-        pass
+        self.quarantine = Quarantine.for_spool(self.spool, config)
 
 
 def make_service(name: str, config: Config, spool: Spool) -> Service:

@@ -9,6 +9,11 @@ Failure rules (what the client hears):
   acknowledged (a partial write is crash debris fsck removes).
 - A Received header is prepended; the client IP, HELO name and session ID
   go into the sidecar.
+- Scanning (`[scan]`, spoolfs.scan.gate): after the Received header and
+  before anything is stored. Spam or virus: kept in quarantine, then
+  `250 2.0.0 Ok: queued as ID` (the same words: a sender learns nothing).
+  A scanner unavailable: `451 4.7.1`, nothing kept, or with
+  on_failure = "accept" spooled and marked unscanned before the 250.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from events import clock
 from events.errors import SpoolError, StorageFull
 from spoolfs.ids import new_id
 from spoolfs.protolog import ProtocolLog
+from spoolfs.scan.gate import UNSCANNED_REPLY, ScanGate
+from spoolfs.scan.scanner import ScanResult
 from spoolfs.smtp.policy import RelayPolicy
 from spoolfs.spool import Spool
 
@@ -37,8 +44,10 @@ class SpoolHandler:
         max_recipients: int,
         protolog: ProtocolLog,
         executor: Executor,
+        scan: ScanGate | None = None,
     ) -> None:
         self.spool = spool
+        self.scan = scan
         self.policy = policy
         self.hostname = hostname
         self.max_recipients = max_recipients
@@ -117,6 +126,19 @@ class SpoolHandler:
         sid = self._sid(session)
         message_id = new_id()
         raw = self.received_header(session, envelope, message_id) + envelope.original_content
+        loop = asyncio.get_running_loop()
+        unscanned: ScanResult | None = None
+        if self.scan is not None and self.scan.applies(self.policy.trusted(self._ip(session))):
+            result = await self.scan.scan(raw)
+            if result.kind in ("spam", "virus"):
+                return await self._quarantine(session, envelope, result, raw, message_id)
+            if result.kind == "unavailable":
+                self.protolog.write(sid, f"scan failed: {result.reason}")
+                if not self.scan.accept_unscanned:
+                    refuse = partial(self.scan.refuse, result, client_ip=self._ip(session), session_id=sid)
+                    await loop.run_in_executor(self.executor, refuse)
+                    return UNSCANNED_REPLY
+                unscanned = result
         enqueue = partial(
             self.spool.enqueue,
             raw,
@@ -130,7 +152,17 @@ class SpoolHandler:
             message_id=message_id,
         )
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, enqueue)
+            await loop.run_in_executor(self.executor, enqueue)
+            if unscanned is not None and self.scan is not None:
+                mark = partial(
+                    self.scan.mark_unscanned,
+                    self.spool,
+                    message_id,
+                    unscanned,
+                    client_ip=self._ip(session),
+                    session_id=sid,
+                )
+                await loop.run_in_executor(self.executor, mark)
         except StorageFull:
             self.protolog.write(sid, "data refused: disk full")
             return "452 4.3.1 Insufficient system storage"
@@ -140,5 +172,37 @@ class SpoolHandler:
         self.protolog.write(
             sid,
             f"queued as {message_id} size={len(raw)} from=<{envelope.mail_from}> nrcpt={len(envelope.rcpt_tos)}",
+        )
+        return f"250 2.0.0 Ok: queued as {message_id}"
+
+    async def _quarantine(
+        self, session: Any, envelope: Any, result: ScanResult, raw: bytes, message_id: str
+    ) -> str:
+        sid = self._sid(session)
+        assert self.scan is not None
+        keep = partial(
+            self.scan.keep,
+            result,
+            raw,
+            envelope.mail_from,
+            envelope.rcpt_tos,
+            message_id=message_id,
+            client_ip=self._ip(session),
+            helo=session.host_name or "",
+            session_id=sid,
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, keep)
+        except StorageFull:
+            self.protolog.write(sid, "data refused: disk full")
+            return "452 4.3.1 Insufficient system storage"
+        except SpoolError as exc:
+            self.protolog.write(sid, f"data refused: {exc}")
+            return "451 4.3.0 Error: queue file write error"
+        why = f"virus {result.verdict.virus}" if result.kind == "virus" else f"spam {result.verdict.score:g}"
+        self.protolog.write(
+            sid,
+            f"quarantined as {message_id} ({why}) size={len(raw)} from=<{envelope.mail_from}> "
+            f"nrcpt={len(envelope.rcpt_tos)}",
         )
         return f"250 2.0.0 Ok: queued as {message_id}"

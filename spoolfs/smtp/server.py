@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from events.errors import SpoolError
 from spoolfs.config import Config, parse_hostport
 from spoolfs.protolog import ProtocolLog
+from spoolfs.quarantine import Quarantine
+from spoolfs.scan.gate import ScanGate
+from spoolfs.scan.scanner import Scanner
 from spoolfs.smtp.handler import SpoolHandler
 from spoolfs.smtp.policy import RelayPolicy
 from spoolfs.smtp.protocol import ConnectionCounter, SpoolSMTP
@@ -63,7 +66,14 @@ class SmtpServer:
             max_recipients=config.smtp.max_recipients,
             protolog=self.protolog,
             executor=self.executor,
+            scan=self._scan_gate(config),
         )
+
+    def _scan_gate(self, config: Config) -> ScanGate | None:
+        if not config.scan.enabled:
+            return None
+        quarantine = Quarantine.for_spool(self.spool, config)
+        return ScanGate(Scanner.from_config(config.scan), quarantine, config.scan)
 
     def reload(self, config: Config) -> None:
         """Take new policy and limits; connections already open keep the old ones."""
