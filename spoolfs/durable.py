@@ -11,9 +11,14 @@ import contextlib
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from spoolfs.errors import SpoolIOError, StorageFull
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 def translate(exc: OSError, what: str) -> Exception:
@@ -79,6 +84,30 @@ def publish(tmp: Path, final: Path, *, sync: bool = True) -> None:
         raise translate(exc, f"cannot rename {tmp} to {final}") from exc
     if sync:
         fsync_dir(final.parent)
+
+
+def store_with_event(
+    tmp: Path, final: Path, raw: bytes, append: Callable[[], R], finish: Callable[[R], T]
+) -> T:
+    """The body-then-event-then-sidecar sequence of the spool and the quarantine.
+
+    The body goes to `tmp` (fsynced, and claimed with an flock held until
+    the end, so fsck never takes a store in progress for crash debris); then
+    `append()` makes the event durable; then the body is renamed to `final`
+    and `finish(record)` writes the sidecar, whose directory fsync makes
+    both names durable. If the event cannot be appended, the body goes.
+    """
+    fd = create_claimed(tmp, raw)
+    try:
+        try:
+            record = append()
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
+        publish(tmp, final, sync=False)
+        return finish(record)
+    finally:
+        os.close(fd)
 
 
 def write_durably(tmp: Path, final: Path, data: bytes) -> None:

@@ -222,34 +222,32 @@ class Quarantine:
         if not rcpts:
             raise InvalidAddress("a message needs at least one recipient")
         mid = check_id(message_id) if message_id is not None else new_id()
-        tmp_eml = self.tmp / f"{mid}.eml"
-        fd = durable.create_claimed(tmp_eml, raw)
-        try:
-            try:
-                record = self.log.append(
-                    ev.MessageQuarantined(
-                        id=mid,
-                        kind=kind,
-                        verdict=verdict,
-                        sender=sender,
-                        recipients=rcpts,
-                        size=len(raw),
-                        remove_at=clock.now() + self.retention,
-                        source=source,
-                        client_ip=client_ip,
-                        helo=helo,
-                        session_id=session_id,
-                    ),
-                    actor or self.actor,
-                )
-            except BaseException:
-                durable.unlink_quietly(tmp_eml)
-                raise
-            durable.publish(tmp_eml, self.eml(kind, mid))
+        event = ev.MessageQuarantined(
+            id=mid,
+            kind=kind,
+            verdict=verdict,
+            sender=sender,
+            recipients=rcpts,
+            size=len(raw),
+            remove_at=clock.now() + self.retention,
+            source=source,
+            client_ip=client_ip,
+            helo=helo,
+            session_id=session_id,
+        )
+
+        def finish(record: Record) -> QuarantineEntry:
             entry = entry_from_record(record)
             self._write_sidecar(entry)
-        finally:
-            os.close(fd)
+            return entry
+
+        entry = durable.store_with_event(
+            self.tmp / f"{mid}.eml",
+            self.eml(kind, mid),
+            raw,
+            lambda: self.log.append(event, actor or self.actor),
+            finish,
+        )
         return entry
 
     # --- reading -----------------------------------------------------------------

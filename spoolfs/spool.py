@@ -30,7 +30,7 @@ import msgspec
 
 from events import EventLog
 from events import schema as ev
-from events.schema import Priority
+from events.schema import Priority, Record
 from spoolfs import durable
 from spoolfs.addresses import normalize, normalize_sender
 from spoolfs.claim import claim, is_claimed
@@ -107,41 +107,33 @@ class Spool:
         rcpts = list(dict.fromkeys(rcpts))  # one delivery per recipient
         mid = check_id(message_id) if message_id is not None else new_id()
         nn = self.layout.subspool_of(mid)
-        tmp_eml = self.layout.tmp_eml(mid)
-        # The claim is taken on the body while it is still in tmp/ and held
-        # (same inode) until the sidecar is written, so fsck never mistakes
-        # an enqueue in progress for crash debris.
-        fd = durable.create_claimed(tmp_eml, raw)
-        try:
-            try:
-                record = self.log.append(
-                    ev.MessageEnqueued(
-                        id=mid,
-                        sender=sender,
-                        recipients=rcpts,
-                        size=len(raw),
-                        subspool=nn,
-                        priority=priority,
-                        source=source,
-                        client_ip=client_ip,
-                        helo=helo,
-                        session_id=session_id,
-                        bounce_of=bounce_of,
-                    ),
-                    actor or self.actor,
-                )
-            except BaseException:
-                durable.unlink_quietly(tmp_eml)
-                raise
-            # No directory fsync here: the sidecar's rename into the same
-            # directory is fsynced next, which makes both names durable, in
-            # order (a crash in between leaves what fsck finishes from the log).
-            durable.publish(tmp_eml, self.layout.eml(mid), sync=False)
+        event = ev.MessageEnqueued(
+            id=mid,
+            sender=sender,
+            recipients=rcpts,
+            size=len(raw),
+            subspool=nn,
+            priority=priority,
+            source=source,
+            client_ip=client_ip,
+            helo=helo,
+            session_id=session_id,
+            bounce_of=bounce_of,
+        )
+
+        def finish(record: Record) -> Sidecar:
             sidecar = apply(None, record)
             assert sidecar is not None
             self._write_sidecar(sidecar)
-        finally:
-            os.close(fd)
+            return sidecar
+
+        sidecar = durable.store_with_event(
+            self.layout.tmp_eml(mid),
+            self.layout.eml(mid),
+            raw,
+            lambda: self.log.append(event, actor or self.actor),
+            finish,
+        )
         return sidecar
 
     # --- reading ---------------------------------------------------------------
