@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli import events_cmds, quarantine_cmds, serve_cmds, spool_cmds
+from cli import events_cmds, quarantine_cmds, report_cmds, serve_cmds, spool_cmds
 from cli.context import State, errors_to_exit, open_spool
 from cli.output import json_line
 from spoolfs.fsck import fsck as run_fsck
@@ -35,7 +35,12 @@ def root(
 
 
 spool_cmds.register(app)
+app.command("list")(report_cmds.list_)
+app.command()(report_cmds.summary)
+app.command()(report_cmds.sql)
 app.add_typer(events_cmds.app, name="events")
+events_cmds.app.command("export")(report_cmds.export)
+app.add_typer(report_cmds.projections_app, name="projections")
 app.command()(serve_cmds.serve)
 app.add_typer(serve_cmds.services_app, name="services")
 app.add_typer(serve_cmds.users_app, name="users")
@@ -88,7 +93,7 @@ def demo(ctx: typer.Context) -> None:
             s = spool.enqueue(raw.encode(), sender, rcpts, priority=prio)  # type: ignore[arg-type]
             typer.echo(f"enqueued {s.id}  {subject}")
     typer.echo("")
-    spool_cmds.list_(ctx)
+    report_cmds.list_(ctx)
     typer.echo("")
     events_cmds.tail(ctx, n=5)
 

@@ -9,7 +9,9 @@ from collections.abc import Iterable, Sequence
 import msgspec
 import typer
 
-_encoder = msgspec.json.Encoder()
+from events.schema import enc_hook
+
+_encoder = msgspec.json.Encoder(enc_hook=enc_hook)
 
 
 def json_line(obj: object) -> None:
@@ -30,6 +32,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int]
     typer.echo(fmt(headers))
     for r in rows:
         typer.echo(fmt(r))
+
+
+def short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def when(value: dt.datetime | None) -> str:

@@ -1,4 +1,4 @@
-"""The spool's own verbs: enqueue, show, message, recipients, list, and the
+"""The spool's own verbs: enqueue, show, message, recipients, and the
 admin operations (force, reset-retries, priority, hold, release, delete)."""
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def register(app: typer.Typer) -> None:
     app.command()(errors_to_exit(show))
     app.command()(errors_to_exit(message))
     app.command()(errors_to_exit(recipients))
-    app.command("list")(errors_to_exit(list_))
     app.command()(errors_to_exit(force))
     app.command("reset-retries")(errors_to_exit(reset_retries))
     app.command()(errors_to_exit(priority))
@@ -126,6 +125,7 @@ def recipients(
 
 
 def list_row(s: Sidecar, delivering: bool) -> dict[str, object]:
+    """A sidecar as a `spool list --json` row: the reference the projections must match."""
     return {
         "id": s.id,
         "subspool": s.subspool,
@@ -139,59 +139,6 @@ def list_row(s: Sidecar, delivering: bool) -> dict[str, object]:
         "status": "delivering" if delivering else s.status,
         "next_attempt_at": s.next_attempt_at,
     }
-
-
-def list_(
-    ctx: typer.Context,
-    held: Annotated[bool, typer.Option("--held", help="Only held messages.")] = False,
-    waiting: Annotated[bool, typer.Option("--waiting", help="Only messages waiting for delivery.")] = False,
-    sender: Annotated[str | None, typer.Option("--sender", help="Only this envelope sender.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=0, help="At most this many (0: all).")] = 0,
-    json: Json = False,
-) -> None:
-    """The messages in the spool, oldest first."""
-    now = clock.now()
-    rows = []
-    if sender is not None:
-        sender = normalize_sender(sender)
-    with open_spool(ctx) as spool:
-        for s in spool.sidecars(on_corrupt=lambda mid, why: typer.echo(f"spool: {why}", err=True)):
-            if held and s.status != "held":
-                continue
-            if waiting and s.status == "held":
-                continue
-            if sender is not None and s.sender != sender:
-                continue
-            rows.append(list_row(s, spool.is_delivering(s.id)))
-            if limit and len(rows) >= limit:
-                break
-    if json:
-        for row in rows:
-            output.json_line(row)
-        return
-    output.table(
-        ["ID", "NN", "SENDER", "RCPT", "KB", "TRIES", "AGE", "PRIO", "STATUS", "NEXT"],
-        [
-            (
-                str(r["id"]),
-                str(r["subspool"]),
-                _short(str(r["sender"]) or "<>", 24),
-                f"{r['recipients_delivered']}/{r['recipients_total']}",
-                str((int(r["size"]) + 1023) // 1024),  # type: ignore[call-overload]
-                str(r["attempts"]),
-                output.age(now - r["received_at"]),  # type: ignore[operator]
-                str(r["priority"]),
-                str(r["status"]),
-                output.age(r["next_attempt_at"] - now) if r["next_attempt_at"] > now else "now",  # type: ignore[operator]
-            )
-            for r in rows
-        ],
-        right={3, 4, 5, 6},
-    )
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _targets(spool: Spool, ids: list[str] | None, all_: bool, sender: str | None = None) -> list[str]:

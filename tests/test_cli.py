@@ -270,14 +270,17 @@ def test_list_table(data: Path, msg_file: Path) -> None:
     assert lines[1].split()[:4] == [mid, Layout(data, 16).subspool_of(mid), "<>", "0/1"]
 
 
-def test_list_reports_a_corrupt_sidecar_and_goes_on(data: Path, msg_file: Path) -> None:
+def test_a_corrupt_sidecar_is_moved_aside_and_listing_goes_on(data: Path, msg_file: Path) -> None:
     ids = sorted(add(data, msg_file) for _ in range(3))
     sidecar_path(data, ids[1]).write_bytes(b"garbage")
-    result = ok(run(data, "list", "--json"))
-    assert [r["id"] for r in json_lines(result.stdout)] == [ids[0], ids[2]]
-    assert ids[1] in result.stderr and result.stderr.startswith("spool: ")
+    # the listing comes from the log, which still has all three
+    assert [r["id"] for r in json_lines(ok(run(data, "list", "--json")).stdout)] == ids
+    # the first command that reads the sidecar moves the pair aside, with an event
+    result = run(data, "show", ids[1])
+    assert result.exit_code == 1 and ids[1] in result.stderr and result.stderr.startswith("spool: ")
     assert (data / "spool" / "corrupt" / f"{ids[1]}.json").read_bytes() == b"garbage"
     assert log_records(data)[-1]["payload"]["type"] == "moved_to_corrupt"
+    assert [r["id"] for r in json_lines(ok(run(data, "list", "--json")).stdout)] == [ids[0], ids[2]]
 
 
 # --- the admin verbs -------------------------------------------------------------------------
