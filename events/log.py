@@ -241,17 +241,25 @@ class EventLog:
         return self._fd
 
     def _sync_tail(self) -> tuple[_Tail, LogRepaired | None]:
-        """Bring the cached tail up to date with the disk (under the lock)."""
-        segments = list_segments(self.directory)
+        """Bring the cached tail up to date with the disk (under the lock).
+
+        The cache is still right if our segment has not changed size and no
+        one has started the next segment, which would be named after the seq
+        that follows ours. Two stats instead of a directory listing: every
+        system call here costs the committer a GIL hand-back while producer
+        threads run, so the hot path makes as few as it can.
+        """
         tail = self._tail
-        if tail is not None and segments and segments[-1] == tail.path:
+        if tail is not None:
             try:
                 size = os.stat(tail.path).st_size
+            except FileNotFoundError:
+                size = -1
             except OSError as exc:
                 raise translate_os_error(exc, "cannot stat event log") from exc
-            if size == tail.size:
+            if size == tail.size and not os.path.exists(self.directory / segment_name(tail.seq + 1)):
                 return tail, None
-        tail, repaired = self._load_tail(segments)
+        tail, repaired = self._load_tail(list_segments(self.directory))
         self._tail = tail
         return tail, repaired
 
