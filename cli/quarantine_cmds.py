@@ -13,7 +13,9 @@ import typer
 
 from cli import output
 from cli.context import errors_to_exit, fail, open_spool, state
+from cli.report_cmds import opened
 from events import clock
+from events.schema import Verdict
 from spoolfs.addresses import normalize_sender
 from spoolfs.quarantine import KINDS, Quarantine, QuarantineEntry, check_kind
 from spoolfs.spool import Spool
@@ -62,18 +64,33 @@ def list_(
     sender: Annotated[str | None, typer.Option("--sender", help="Only this envelope sender.")] = None,
     json: Json = False,
 ) -> None:
-    """The messages in one quarantine, oldest first."""
+    """The messages in one quarantine, oldest first (the `quarantine` view of the projections)."""
     kind = check_kind(kind)
     wanted = normalize_sender(sender) if sender is not None else None
     now = clock.now()
-    with open_quarantine(ctx) as (_, quarantine):
-        entries = [
-            e
-            for e in quarantine.entries(
-                kind, on_corrupt=lambda mid, why: typer.echo(f"spool: {why}", err=True)
+    sql = "SELECT id, kind, quarantined_at, sender, recipients, size, remove_at, verdict FROM quarantine WHERE kind = ?"
+    params: list[object] = [kind]
+    if wanted is not None:
+        sql += " AND sender = ?"
+        params.append(wanted)
+    with opened(ctx) as proj:
+        columns, found = proj.query(sql + " ORDER BY quarantined_at, id", params, now=now)
+    entries = []
+    for values in found:
+        r = dict(zip(columns, values, strict=True))
+        entries.append(
+            QuarantineEntry(
+                id=r["id"],
+                kind=r["kind"],
+                node="",
+                sender=r["sender"],
+                recipients=list(r["recipients"]),
+                size=r["size"],
+                quarantined_at=r["quarantined_at"],
+                remove_at=r["remove_at"],
+                verdict=msgspec.json.decode(r["verdict"], type=Verdict),
             )
-            if wanted is None or e.sender == wanted
-        ]
+        )
     if json:
         for e in entries:
             output.json_line(row(e))
