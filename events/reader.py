@@ -49,6 +49,9 @@ def read_records(
 ) -> Iterator[Record]:
     """Records with from_seq <= seq <= to_seq, since <= at < until, of the given types."""
     wanted = set(types) if types else None
+    # A line of another type is skipped without decoding it: followers that
+    # want a few types (the supervisor) must not pay for every record.
+    markers = tuple(b'"type":"' + t.encode() + b'"' for t in wanted) if wanted else ()
     for path in _segments_from(Path(directory), from_seq):
         for offset, line in read_lines(path):
             try:
@@ -59,6 +62,8 @@ def read_records(
                 continue
             if to_seq is not None and seq > to_seq:
                 return
+            if markers and not any(m in line for m in markers):
+                continue
             record = _decode(line, path, offset)
             if since is not None and record.at < since:
                 continue
@@ -67,6 +72,32 @@ def read_records(
             if wanted is not None and record.type not in wanted:
                 continue
             yield record
+
+
+def poll(directory: Path, from_seq: int, types: Iterable[str]) -> tuple[list[Record], int]:
+    """The records of `types` from `from_seq` on, and the seq to poll from next time.
+
+    For followers that want a few types: the others are passed over without
+    being decoded, and still count for the position.
+    """
+    wanted = set(types)
+    markers = tuple(b'"type":"' + t.encode() + b'"' for t in wanted)
+    found: list[Record] = []
+    next_seq = from_seq
+    for path in _segments_from(Path(directory), from_seq):
+        for offset, line in read_lines(path):
+            try:
+                seq = line_seq(line)
+            except ValueError:
+                seq = _decode(line, path, offset).seq
+            if seq < from_seq:
+                continue
+            next_seq = seq + 1
+            if any(m in line for m in markers):
+                record = _decode(line, path, offset)
+                if record.type in wanted:
+                    found.append(record)
+    return found, next_seq
 
 
 def last_records(directory: Path, count: int) -> list[Record]:

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import msgspec
 
-from events import EventLog, head_seq, read_records
+from events import EventLog, head_seq
 from events import schema as ev
 from events.errors import SpoolError
+from events.reader import poll
 from spoolfs.config import Config, Overrides, apply_overrides, load_config
 from spoolfs.serve.control import DESCRIPTIONS, pid_path, read_state
 from spoolfs.smtp.server import listen_socket
@@ -134,9 +135,11 @@ class Supervisor:
 
     # --- the control bus ------------------------------------------------------
 
+    CONTROL = ("service_started", "service_stopped")
+
     def _follow(self, next_seq: int) -> int:
-        for record in read_records(self.data / "events", from_seq=next_seq):
-            next_seq = record.seq + 1
+        records, next_seq = poll(self.data / "events", next_seq, self.CONTROL)
+        for record in records:
             if not record.actor.startswith("cli:"):
                 continue
             p = record.payload
