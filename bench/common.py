@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import socket
 import statistics
 import tempfile
 import threading
@@ -50,6 +51,13 @@ def split(total: int, parts: int) -> list[int]:
     """`total` spread over `parts` as evenly as possible."""
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def positive_int(text: str) -> int:

@@ -289,3 +289,41 @@ def test_schedule_order_forced_then_priority_then_time() -> None:
     assert sched.pop_due(100.0) is None and sched.next_due() == 500.0
     sched.remove("future")
     assert sched.pop_due(1000.0) is None
+
+
+def test_an_enqueue_in_progress_is_tried_again_not_dropped(relay: Any, tmp_path: Path) -> None:
+    """The delivery service follows the enqueue event before the body reaches its subspool."""
+    config, spool, port = relay
+    from events import schema as ev
+    from spoolfs import durable
+    from spoolfs.ids import new_id
+
+    mid = new_id()
+    fd = durable.create_claimed(spool.layout.tmp_eml(mid), BODY)  # as Spool.enqueue does, half-way
+    try:
+        spool.log.append(
+            ev.MessageEnqueued(
+                id=mid,
+                sender="a@sender.test",
+                recipients=["x@remote.test"],
+                size=len(BODY),
+                subspool=spool.layout.subspool_of(mid),
+            ),
+            "smtp",
+        )
+        service = DeliveryService(config, spool)
+        attempt(service, mid)
+        assert mid in service.schedule.entries  # not forgotten
+    finally:
+        import os
+
+        os.close(fd)
+    # the enqueue finishes (fsck does what the killed enqueue would have done), then it is delivered
+    from spoolfs.fsck import fsck
+
+    fsck(spool, repair=True, tmp_age=0)
+    dump = tmp_path / "late.dump"
+    with smtp_sink(port=port, dump_file=dump) as sink:
+        attempt(service, mid)
+        sink.wait_for_messages(1)
+    assert story(spool, mid)[-1] == "message_finished"

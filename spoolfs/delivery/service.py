@@ -41,6 +41,7 @@ from spoolfs.users import Users
 
 POLL = 0.2
 BUSY_RETRY = 5.0
+STORE_RETRY = 0.5
 
 
 @dataclass
@@ -142,8 +143,14 @@ class DeliveryService:
         """Deliver what is pending of one message, if nobody else holds it."""
         try:
             await self._attempt(mid)
-        except (MessageNotFound, CorruptSidecar):
-            return  # gone, or moved aside with its own event
+        except MessageNotFound:
+            # The enqueue event is followed before the body reaches its
+            # subspool: an enqueue still in progress is tried again shortly.
+            lay = self.spool.layout
+            if lay.tmp_eml(mid).exists() or lay.eml(mid).exists():
+                self.schedule.upsert(mid, next_at=clock.now().timestamp() + STORE_RETRY)
+        except CorruptSidecar:
+            return  # moved aside, with its own event
         except MessageBusy:
             self.schedule.upsert(mid, next_at=clock.now().timestamp() + BUSY_RETRY)
         except Exception as exc:  # never let one message stop the others

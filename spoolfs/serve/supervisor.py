@@ -69,6 +69,9 @@ class Supervisor:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # glibc's per-thread arenas make the thread-pool workers hold on to
+        # memory they no longer use; two arenas keep RSS down at no cost here.
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         if self.config_path:
             env["SPOOL_CONFIG"] = str(self.config_path)
         env["SPOOL_DATA_DIR"] = self.config.data_dir
