@@ -4,25 +4,18 @@ resend delivered to Postfix's smtp-sink, virus resend refused."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from peers import SIGNATURES, Clamd, Spamd, clamd, eicar, free_port, gtube, smtp_sink, spamd
+from serve_fixture import cli, serve
 from test_scan import HAM, plain, with_attachment
 
 from events import read_records
 
-SPOOL = [sys.executable, "-m", "cli.main"]
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
@@ -36,65 +29,6 @@ def clamd_peer() -> Iterator[Clamd]:
 def spamd_peer() -> Iterator[Spamd]:
     with spamd() as peer:
         yield peer
-
-
-def cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*SPOOL, "--data-dir", str(data), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def smtp_ready(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            return s.recv(100).startswith(b"220")
-    except OSError:
-        return False
-
-
-@contextmanager
-def serve(data: Path, port: int, config: str, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    cfg = data.parent / "spool.toml"
-    cfg.write_text(config)
-    argv = [
-        *SPOOL,
-        "--config",
-        str(cfg),
-        "--data-dir",
-        str(data),
-        "serve",
-        "--smtp",
-        f"127.0.0.1:{port}",
-        *extra,
-    ]
-    log_path = data.parent / "serve.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until(lambda: smtp_ready(port) or proc.poll() is not None, 30, "spool serve to listen")
-        assert proc.poll() is None, log_path.read_text()
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def send(port: int, body: bytes) -> str:
@@ -118,7 +52,9 @@ def test_quarantine_resend_and_refusal_through_the_server(
     )
     with (
         smtp_sink(port=sink_port, dump_file=tmp_path / "sink.dump") as sink,
-        serve(data, port, config, "--mynetworks", "127.0.0.0/8", "--relayhost", f"127.0.0.1:{sink_port}"),
+        serve(
+            data, port, "--mynetworks", "127.0.0.0/8", "--relayhost", f"127.0.0.1:{sink_port}", config=config
+        ),
     ):
         clean = send(port, HAM)
         spam = send(port, plain(gtube()))
