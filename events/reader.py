@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -74,30 +75,46 @@ def read_records(
             yield record
 
 
-def poll(directory: Path, from_seq: int, types: Iterable[str]) -> tuple[list[Record], int]:
-    """The records of `types` from `from_seq` on, and the seq to poll from next time.
+@dataclass
+class Cursor:
+    """Where a follower stopped: the next seq, and the byte in its segment."""
 
-    For followers that want a few types: the others are passed over without
-    being decoded, and still count for the position.
+    next_seq: int = 1
+    segment: Path | None = None
+    offset: int = 0
+
+
+def poll(directory: Path, cursor: Cursor, types: Iterable[str] | None = None) -> tuple[list[Record], Cursor]:
+    """The records past `cursor` (of `types` only, if given), and the cursor after them.
+
+    Reads only the bytes past the cursor, so a follower polling every
+    fraction of a second does not re-read its segment each time. Records of
+    other types are passed over without being decoded.
     """
-    wanted = set(types)
-    markers = tuple(b'"type":"' + t.encode() + b'"' for t in wanted)
+    wanted = set(types) if types else None
+    markers = tuple(b'"type":"' + t.encode() + b'"' for t in wanted) if wanted else ()
     found: list[Record] = []
-    next_seq = from_seq
-    for path in _segments_from(Path(directory), from_seq):
-        for offset, line in read_lines(path):
+    segments = _segments_from(Path(directory), cursor.next_seq)
+    if cursor.segment is not None and cursor.segment in segments:
+        segments = segments[segments.index(cursor.segment) :]
+    next_seq, segment, offset = cursor.next_seq, cursor.segment, cursor.offset
+    for path in segments:
+        start = offset if path == segment else 0
+        for line_offset, line in read_lines(path, start):
+            segment, offset = path, line_offset + len(line) + 1
             try:
                 seq = line_seq(line)
             except ValueError:
-                seq = _decode(line, path, offset).seq
-            if seq < from_seq:
+                seq = _decode(line, path, line_offset).seq
+            if seq < next_seq:
                 continue
             next_seq = seq + 1
-            if any(m in line for m in markers):
-                record = _decode(line, path, offset)
-                if record.type in wanted:
-                    found.append(record)
-    return found, next_seq
+            if markers and not any(m in line for m in markers):
+                continue
+            record = _decode(line, path, line_offset)
+            if wanted is None or record.type in wanted:
+                found.append(record)
+    return found, Cursor(next_seq, segment, offset)
 
 
 def last_records(directory: Path, count: int) -> list[Record]:

@@ -206,3 +206,27 @@ def test_follow_does_not_yield_a_torn_tail(tmp_path: Path) -> None:
     deadline = time.monotonic() + 0.3
     got = list(follow(directory, poll=0.01, stop=lambda: time.monotonic() > deadline))
     assert [r.seq for r in got] == [1]
+
+
+def test_poll_reads_only_what_is_new_across_segments(tmp_path: Path) -> None:
+    from events import EventLog
+    from events.reader import Cursor, poll
+    from events.schema import MessageForced, MessageHeld
+
+    log = EventLog(tmp_path / "ev", node="n", segment_bytes=4096)
+    try:
+        log.append_many([MessageForced(id=f"a{i}") for i in range(5)], "t")
+        first, cursor = poll(tmp_path / "ev", Cursor())
+        assert [r.seq for r in first] == [1, 2, 3, 4, 5] and cursor.next_seq == 6
+        again, same = poll(tmp_path / "ev", cursor)
+        assert again == [] and same == cursor
+        for i in range(40):  # enough to roll into new segments
+            log.append_many([MessageForced(id=f"b{i}"), MessageHeld(id=f"h{i}")], "t")
+        held, cursor = poll(tmp_path / "ev", cursor, ["message_held"])
+        assert [r.payload.id for r in held] == [f"h{i}" for i in range(40)]  # type: ignore[union-attr]
+        assert cursor.next_seq == 86 and len(list((tmp_path / "ev").glob("*.jsonl"))) > 1
+        log.append(MessageHeld(id="last"), "t")
+        tail, _ = poll(tmp_path / "ev", cursor, ["message_held"])
+        assert [r.seq for r in tail] == [86]
+    finally:
+        log.close()

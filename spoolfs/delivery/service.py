@@ -22,12 +22,12 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from functools import partial
 
-from events import clock, head_seq, read_records
+from events import clock, head_seq
 from events import schema as ev
 from events.errors import SpoolError
+from events.reader import Cursor, poll
 from spoolfs.claim import claim
 from spoolfs.config import Config, parse_hostport
 from spoolfs.delivery import backoff, dsn, maildir, mx, remote
@@ -42,15 +42,6 @@ from spoolfs.users import Users
 POLL = 0.2
 BUSY_RETRY = 5.0
 STORE_RETRY = 0.5
-
-
-@dataclass
-class Round:
-    """What one attempt at one message decided."""
-
-    results: list[RcptResult]
-    events: list[ev.Event]
-    dsn_id: str = ""
 
 
 class DeliveryService:
@@ -83,19 +74,17 @@ class DeliveryService:
                 )
         return start
 
-    def follow(self, next_seq: int) -> int:
-        changed = False
-        for record in read_records(self.spool.layout.events, from_seq=next_seq):
-            next_seq = record.seq + 1
+    def follow(self, cursor: Cursor) -> Cursor:
+        records, cursor = poll(self.spool.layout.events, cursor)
+        for record in records:
             self.schedule.apply(record)
-            changed = True
-        if changed:
+        if records:
             self.wake.set()
-        return next_seq
+        return cursor
 
     async def run(self, stop: asyncio.Event) -> None:
         next_seq = await asyncio.to_thread(self.load)
-        follower = asyncio.create_task(self._follow_loop(next_seq, stop))
+        follower = asyncio.create_task(self._follow_loop(Cursor(next_seq), stop))
         try:
             while not stop.is_set():
                 self.dispatch()
@@ -108,9 +97,9 @@ class DeliveryService:
                     task.cancel()
             self.protolog.close()
 
-    async def _follow_loop(self, next_seq: int, stop: asyncio.Event) -> None:
+    async def _follow_loop(self, cursor: Cursor, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            next_seq = await asyncio.to_thread(self.follow, next_seq)
+            cursor = await asyncio.to_thread(self.follow, cursor)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL)
 

@@ -33,7 +33,7 @@ import msgspec
 from events import EventLog, head_seq
 from events import schema as ev
 from events.errors import SpoolError
-from events.reader import poll
+from events.reader import Cursor, poll
 from spoolfs.config import Config, Overrides, apply_overrides, load_config
 from spoolfs.serve.control import DESCRIPTIONS, pid_path, read_state
 from spoolfs.smtp.server import listen_socket
@@ -140,8 +140,8 @@ class Supervisor:
 
     CONTROL = ("service_started", "service_stopped")
 
-    def _follow(self, next_seq: int) -> int:
-        records, next_seq = poll(self.data / "events", next_seq, self.CONTROL)
+    def _follow(self, cursor: Cursor) -> Cursor:
+        records, cursor = poll(self.data / "events", cursor, self.CONTROL)
         for record in records:
             if not record.actor.startswith("cli:"):
                 continue
@@ -150,7 +150,7 @@ class Supervisor:
                 self.stop_service(p.name, f"by {record.actor}")
             elif isinstance(p, ev.ServiceStarted) and p.name in DESCRIPTIONS:
                 self.start_service(p.name)
-        return next_seq
+        return cursor
 
     # --- main loop ------------------------------------------------------------
 
@@ -182,7 +182,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            next_seq = head_seq(self.data / "events") + 1
+            cursor = Cursor(head_seq(self.data / "events") + 1)
             stopped = set(read_state(self.data).stopped)
             self.say(
                 f"spool serve: data in {self.data}, SMTP on {self.config.smtp.listen}, "
@@ -198,7 +198,7 @@ class Supervisor:
                 if self.reload_wanted:
                     self._reload()
                 self._reap()
-                next_seq = self._follow(next_seq)
+                cursor = self._follow(cursor)
             for name in list(dict.fromkeys(s.service for s in self.slots)):
                 self.stop_service(name, "spool serve stopping")
             return 0
