@@ -24,9 +24,9 @@ from spoolfs.durable import translate
 from spoolfs.errors import MessageBusy, MessageNotFound
 
 
-@contextmanager
-def claim(eml: Path, message_id: str, *, wait: float = 2.0) -> Iterator[int]:
-    """Hold the claim on a message; yields the open descriptor of its .eml."""
+def take(eml: Path, message_id: str, *, wait: float = 2.0) -> int:
+    """Take the claim on a message; returns the open descriptor of its .eml,
+    which holds the claim until `release`d (or the process dies)."""
     try:
         fd = os.open(eml, os.O_RDONLY)
     except FileNotFoundError as exc:
@@ -49,9 +49,27 @@ def claim(eml: Path, message_id: str, *, wait: float = 2.0) -> Iterator[int]:
             same = False
         if not same:  # deleted or moved while we waited for the lock
             raise MessageNotFound(f"no message {message_id} in the spool")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release(fd: int) -> None:
+    """Give the claim up. When the message has left the spool this close frees
+    its inode and blocks, which takes a while: callers in an event loop do it
+    in a thread."""
+    os.close(fd)
+
+
+@contextmanager
+def claim(eml: Path, message_id: str, *, wait: float = 2.0) -> Iterator[int]:
+    """Hold the claim on a message; yields the open descriptor of its .eml."""
+    fd = take(eml, message_id, wait=wait)
+    try:
         yield fd
     finally:
-        os.close(fd)
+        release(fd)
 
 
 def is_claimed(eml: Path) -> bool:

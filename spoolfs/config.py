@@ -56,9 +56,15 @@ class SmtpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class DeliveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # Deliveries in flight at once, and at most this many per destination domain.
+    # Delivery processes, each owning a share of the subspools (0: one per core).
+    workers: int = 0
+    # Deliveries in flight at once (per process), and at most this many per
+    # destination domain.
     concurrency: int = 20
     per_domain: int = 5
+    # Connections at once to the relayhost, which is one destination, your own
+    # (Postfix's default_destination_concurrency_limit).
+    relayhost_concurrency: int = 20
     # Retry backoff: doubling from min to max seconds.
     min_backoff: float = 300.0
     max_backoff: float = 4000.0
@@ -207,6 +213,7 @@ def _validate(source: str, config: Config, data: Path, node: str) -> None:
         "smtp.command_timeout": config.smtp.command_timeout,
         "delivery.concurrency": config.delivery.concurrency,
         "delivery.per_domain": config.delivery.per_domain,
+        "delivery.relayhost_concurrency": config.delivery.relayhost_concurrency,
         "delivery.min_backoff": config.delivery.min_backoff,
         "delivery.max_backoff": config.delivery.max_backoff,
         "delivery.lifetime": config.delivery.lifetime,
@@ -215,8 +222,12 @@ def _validate(source: str, config: Config, data: Path, node: str) -> None:
     for key, number in positive.items():
         if number <= 0:
             raise _fail(source, key, "must be greater than 0")
-    if config.smtp.workers < 0:
-        raise _fail(source, "smtp.workers", "must be 0 (one per core) or more")
+    for key, workers in (
+        ("smtp.workers", config.smtp.workers),
+        ("delivery.workers", config.delivery.workers),
+    ):
+        if workers < 0:
+            raise _fail(source, key, "must be 0 (one per core) or more")
     if config.delivery.max_backoff < config.delivery.min_backoff:
         raise _fail(source, "delivery.max_backoff", "must not be less than delivery.min_backoff")
     if not 0 < config.delivery.smtp_port < 65536:

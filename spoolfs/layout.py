@@ -52,8 +52,11 @@ class Layout:
     def subspool_names(self) -> list[str]:
         return [f"{n:02x}" for n in range(self.subspools)]
 
+    def subspool_index(self, message_id: str) -> int:
+        return zlib.crc32(message_id.encode()) % self.subspools
+
     def subspool_of(self, message_id: str) -> str:
-        return f"{zlib.crc32(message_id.encode()) % self.subspools:02x}"
+        return f"{self.subspool_index(message_id):02x}"
 
     def eml(self, message_id: str) -> Path:
         return self.spool / self.subspool_of(message_id) / f"{message_id}.eml"

@@ -138,10 +138,10 @@ class Spool:
 
     # --- reading ---------------------------------------------------------------
 
-    def ids(self) -> list[str]:
-        """Every message ID with a sidecar, in ID (= time) order."""
+    def ids(self, subspools: Iterable[str] | None = None) -> list[str]:
+        """Every message ID with a sidecar (in the given subspools), in ID (= time) order."""
         out: list[str] = []
-        for nn in self.layout.subspool_names():
+        for nn in self.layout.subspool_names() if subspools is None else subspools:
             try:
                 names = os.listdir(self.layout.spool / nn)
             except FileNotFoundError:
@@ -154,9 +154,13 @@ class Spool:
         check_id(message_id)
         return self._read_sidecar(message_id)
 
-    def sidecars(self, on_corrupt: Callable[[str, str], None] | None = None) -> Iterator[Sidecar]:
+    def sidecars(
+        self,
+        on_corrupt: Callable[[str, str], None] | None = None,
+        subspools: Iterable[str] | None = None,
+    ) -> Iterator[Sidecar]:
         """Every readable sidecar; corrupt ones are moved aside and reported."""
-        for mid in self.ids():
+        for mid in self.ids(subspools):
             try:
                 yield self._read_sidecar(mid)
             except MessageNotFound:
@@ -314,7 +318,9 @@ class Spool:
                 pass
             except OSError as exc:
                 raise durable.translate(exc, f"cannot remove {path}") from exc
-        durable.fsync_dir(sidecar.parent)
+        # No directory fsync (Postfix does none either): the event that made
+        # the message leave is durable, and if a power cut brings the names
+        # back, the recovery fsck at start removes them ("gone-but-present").
 
     def move_to_corrupt(self, message_id: str, reason: str, *, actor: str = "system") -> list[Path]:
         """Move whatever files a message has into spool/corrupt/ and record it."""

@@ -19,7 +19,7 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 from peers import free_port, require, smtp_sink
 
-from spoolfs.delivery.remote import deliver, normalize_crlf
+from spoolfs.delivery.remote import SessionCache, deliver, normalize_crlf
 from spoolfs.delivery.results import RcptResult
 
 T = TypeVar("T")
@@ -420,3 +420,92 @@ def test_failed_tls_handshake_reconnects_without_tls() -> None:
     assert content == ON_THE_WIRE
     # first connection: EHLO, STARTTLS fails; second connection: EHLO, no STARTTLS
     assert handler.ehlo == [(HELO, False), (HELO, False)]
+
+
+# --- connection reuse -------------------------------------------------------------
+
+
+@dataclass
+class OneTransactionPerSession(Recorder):
+    """Answers 421 to a second MAIL FROM on one connection, as a server does
+    that has closed an idle session (without the client noticing yet)."""
+
+    seen: set[int] = field(default_factory=set)
+
+    async def handle_MAIL(
+        self, server: SMTPServer, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if id(session) in self.seen:
+            return "421 4.4.2 aiosmtpd.test idle too long, closing"
+        self.seen.add(id(session))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+
+def deliver_three(handler: Recorder, cache: SessionCache) -> list[list[RcptResult]]:
+    async def scenario() -> list[list[RcptResult]]:
+        async with aiosmtpd_server(handler) as port:
+            out = []
+            for rcpts in (["x@remote.test"], ["refused@remote.test"], ["y@remote.test"]):
+                out.append(
+                    await deliver(
+                        [("127.0.0.1", port)],
+                        "a@example.org",
+                        rcpts,
+                        MESSAGE,
+                        helo=HELO,
+                        timeout=TIMEOUT,
+                        cache=cache,
+                    )
+                )
+            await cache.close()
+            return out
+
+    return run(scenario())
+
+
+def test_a_session_is_reused_for_the_next_messages_to_the_same_host() -> None:
+    handler = Recorder(replies={"refused@remote.test": "550 5.1.1 no such user"})
+    cache = SessionCache()
+    results = deliver_three(handler, cache)
+    assert [[r.result for r in rs] for rs in results] == [["delivered"], ["failed"], ["delivered"]]
+    assert len(handler.ehlo) == 1  # one connection, three transactions (the second ended by RSET)
+    assert [rcpts for _, rcpts, _, _ in handler.received] == [["x@remote.test"], ["y@remote.test"]]
+    assert (cache.opened, cache.reused, len(cache)) == (1, 2, 0)
+
+
+def test_a_stale_cached_session_is_replaced_and_nothing_arrives_twice() -> None:
+    handler = OneTransactionPerSession(replies={"refused@remote.test": "550 5.1.1 no such user"})
+    cache = SessionCache()
+    results = deliver_three(handler, cache)
+    assert [[r.result for r in rs] for rs in results] == [["delivered"], ["failed"], ["delivered"]]
+    # every reuse met a 421 at MAIL FROM, so each message went on a fresh connection
+    assert len(handler.ehlo) == 3 and cache.opened == 3
+    assert [rcpts for _, rcpts, _, _ in handler.received] == [["x@remote.test"], ["y@remote.test"]]
+
+
+def test_an_idle_session_expires() -> None:
+    handler = Recorder()
+
+    async def scenario() -> tuple[int, int]:
+        cache = SessionCache(idle_time=0.05)
+        async with aiosmtpd_server(handler) as port:
+            for _ in range(2):
+                await deliver(
+                    [("127.0.0.1", port)],
+                    "a@example.org",
+                    ["x@remote.test"],
+                    MESSAGE,
+                    helo=HELO,
+                    timeout=TIMEOUT,
+                    cache=cache,
+                )
+                await asyncio.sleep(0.1)
+            kept = len(cache)
+            await cache.expire()
+            return kept, len(cache)
+
+    kept, left = run(scenario())
+    assert (kept, left) == (1, 0)
+    assert len(handler.ehlo) == 2  # the first session had idled too long to be used again

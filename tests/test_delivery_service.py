@@ -327,3 +327,22 @@ def test_an_enqueue_in_progress_is_tried_again_not_dropped(relay: Any, tmp_path:
         attempt(service, mid)
         sink.wait_for_messages(1)
     assert story(spool, mid)[-1] == "message_finished"
+
+
+def test_delivery_processes_share_the_spool_by_subspool(relay: Any) -> None:
+    """Two shards see disjoint messages, together all of them, at start and in the log."""
+    from events.reader import Cursor
+
+    config, spool, _ = relay
+    before = [spool.enqueue(BODY, "a@sender.test", ["x@remote.test"]).id for _ in range(30)]
+    shards = [DeliveryService(config, spool, shard=(k, 2)) for k in range(2)]
+    starts = [s.load() for s in shards]
+    after = [spool.enqueue(BODY, "a@sender.test", ["x@remote.test"]).id for _ in range(30)]
+    for service, start in zip(shards, starts, strict=True):
+        service.follow(Cursor(start))
+    mine = [set(s.schedule.entries) for s in shards]
+    assert mine[0].isdisjoint(mine[1])
+    assert mine[0] | mine[1] == set(before) | set(after)
+    assert all(mine)  # both shards have work (30+30 messages over 16 subspools)
+    for k, ids in enumerate(mine):
+        assert {spool.layout.subspool_index(m) % 2 for m in ids} == {k}

@@ -22,6 +22,15 @@ Failure rules:
   without TLS. A refusal (4xx/5xx to STARTTLS) goes on in plain text.
 - Anything unexpected is temporary: the recipients are deferred, never dropped.
 
+Connection reuse (Postfix's connection cache): with a `SessionCache`, a
+session whose transaction ended cleanly (the reply to the final dot, or RSET
+after no recipient was taken) is kept for the next message to the same host
+instead of QUIT. A cached session is used for at most `reuse_time` seconds
+from its connect and idles at most `idle_time` seconds. A reused session
+that fails before DATA (the server closed it while idle, a 421) is closed
+and the transaction is tried once more on a fresh connection to that host;
+nothing was sent yet, so nothing can arrive twice.
+
 Outbound hygiene: bare CR and bare LF become CRLF and the data ends with CRLF
 (`normalize_crlf`). Dot-stuffing is done exactly once, by aiosmtplib: its
 `SMTP.data()` (SMTPProtocol.execute_data_command) normalises line endings the
@@ -31,10 +40,13 @@ and appends the terminating ".\\r\\n". We therefore never stuff ourselves.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import ssl
+import time
+from dataclasses import dataclass, field
 
 import aiosmtplib
 from aiosmtplib import (
@@ -57,8 +69,103 @@ _QUIT_TIMEOUT = 5.0
 
 def normalize_crlf(data: bytes) -> bytes:
     """Every bare CR and bare LF becomes CRLF; the result ends with CRLF."""
-    data = _LINE_ENDINGS.sub(b"\r\n", data)
+    crlf = data.count(b"\r\n")
+    # The common case (a body received over SMTP) is already clean: three
+    # counting passes are much cheaper than a regex that copies the body.
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
     return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+@dataclass
+class _Cached:
+    smtp: aiosmtplib.SMTP
+    connected_at: float
+    idle_since: float
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class SessionCache:
+    """Idle SMTP sessions by (host, port), for the next message to the same host."""
+
+    idle_time: float = 2.0
+    reuse_time: float = 300.0
+    _idle: dict[tuple[str, int], list[_Cached]] = field(default_factory=dict)
+    _born: dict[int, float] = field(default_factory=dict)
+    reused: int = 0
+    opened: int = 0
+
+    def take(self, host: str, port: int) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        sessions = self._idle.get((host, port))
+        while sessions:
+            cached = sessions.pop()  # the most recently used: least likely to have timed out
+            if self._fresh(cached, now):
+                self.reused += 1
+                return cached.smtp
+            self._drop(cached.smtp)
+        return None
+
+    def opened_now(self, smtp: aiosmtplib.SMTP) -> None:
+        self.opened += 1
+        self._born[id(smtp)] = time.monotonic()
+
+    def put(self, host: str, port: int, smtp: aiosmtplib.SMTP) -> bool:
+        """Keep a session whose transaction ended cleanly; False if it is too old to keep."""
+        now = time.monotonic()
+        born = self._born.get(id(smtp), now)
+        cached = _Cached(smtp, born, now, asyncio.get_running_loop())
+        if not smtp.is_connected or not self._fresh(cached, now):
+            self._born.pop(id(smtp), None)
+            return False
+        self._idle.setdefault((host, port), []).append(cached)
+        return True
+
+    def forget(self, smtp: aiosmtplib.SMTP) -> None:
+        self._born.pop(id(smtp), None)
+
+    def _fresh(self, cached: _Cached, now: float) -> bool:
+        return (
+            cached.loop is asyncio.get_running_loop()  # a session lives in one loop
+            and cached.smtp.is_connected
+            and now - cached.idle_since < self.idle_time
+            and now - cached.connected_at < self.reuse_time
+        )
+
+    def _drop(self, smtp: aiosmtplib.SMTP) -> None:
+        self._born.pop(id(smtp), None)
+        with contextlib.suppress(Exception):  # its loop may be gone
+            smtp.close()
+
+    async def expire(self) -> None:
+        """QUIT the sessions that have idled too long (call now and then)."""
+        now = time.monotonic()
+        stale: list[_Cached] = []
+        for key, sessions in list(self._idle.items()):
+            keep = [c for c in sessions if self._fresh(c, now)]
+            stale.extend(c for c in sessions if not self._fresh(c, now))
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        await self._close(stale)
+
+    async def close(self) -> None:
+        """QUIT every cached session (at shutdown)."""
+        sessions = [c for cs in self._idle.values() for c in cs]
+        self._idle.clear()
+        await self._close(sessions)
+
+    async def _close(self, sessions: list[_Cached]) -> None:
+        loop = asyncio.get_running_loop()
+        for cached in sessions:
+            if cached.loop is loop:
+                await _quit(cached.smtp)
+            self._drop(cached.smtp)
+
+    def __len__(self) -> int:
+        return sum(len(cs) for cs in self._idle.values())
 
 
 class _HostError(Exception):
@@ -86,6 +193,7 @@ async def deliver(
     *,
     helo: str,
     timeout: float,
+    cache: SessionCache | None = None,
 ) -> list[RcptResult]:
     """Deliver `data` to `recipients` through the first host that takes the transaction.
 
@@ -98,7 +206,9 @@ async def deliver(
     last: tuple[str, _HostError] | None = None
     for host, port in hosts:
         try:
-            return await _deliver_to(host, port, sender, recipients, message, helo=helo, timeout=timeout)
+            return await _via_host(
+                host, port, sender, recipients, message, helo=helo, timeout=timeout, cache=cache
+            )
         except _HostError as err:
             last = (host, err)
         except Exception as exc:  # unknown: temporary, and another host may do better
@@ -113,6 +223,28 @@ async def deliver(
     return [RcptResult(r, result, error.code, error.response, host) for r in recipients]
 
 
+async def _via_host(
+    host: str,
+    port: int,
+    sender: str,
+    recipients: list[str],
+    message: bytes,
+    *,
+    helo: str,
+    timeout: float,
+    cache: SessionCache | None,
+) -> list[RcptResult]:
+    smtp = cache.take(host, port) if cache is not None else None
+    if smtp is not None:
+        # A cached session fails this way before anything of the message
+        # was sent (errors during DATA are results), so a fresh one is safe.
+        with contextlib.suppress(_HostError):
+            return await _deliver_to(
+                host, port, sender, recipients, message, helo=helo, timeout=timeout, cache=cache, smtp=smtp
+            )
+    return await _deliver_to(host, port, sender, recipients, message, helo=helo, timeout=timeout, cache=cache)
+
+
 async def _deliver_to(
     host: str,
     port: int,
@@ -122,12 +254,21 @@ async def _deliver_to(
     *,
     helo: str,
     timeout: float,
+    cache: SessionCache | None = None,
+    smtp: aiosmtplib.SMTP | None = None,
 ) -> list[RcptResult]:
     where = f"{host}:{port}"
-    smtp: aiosmtplib.SMTP | None = None
     try:
-        smtp = await _open(host, port, helo=helo, timeout=timeout, tls=True)
-        return await _transaction(smtp, host, sender, recipients, message)
+        if smtp is None:
+            smtp = await _open(host, port, helo=helo, timeout=timeout, tls=True)
+            if cache is not None:
+                cache.opened_now(smtp)
+        results, clean = await _transaction(smtp, host, sender, recipients, message)
+        if clean and cache is not None and cache.put(host, port, smtp):
+            smtp = None  # kept for the next message
+        else:
+            await _quit(smtp)
+        return results
     except SMTPConnectTimeoutError as exc:
         raise _HostError(451, f"451 4.4.1 connect to {where} timed out") from exc
     except SMTPConnectError as exc:
@@ -142,6 +283,8 @@ async def _deliver_to(
         raise _HostError(exc.code, reply(exc.code, exc.message)) from exc
     finally:
         if smtp is not None:
+            if cache is not None:
+                cache.forget(smtp)
             smtp.close()
 
 
@@ -193,7 +336,8 @@ def _envelope(address: str, utf8: bool) -> bytes | None:
 
 async def _transaction(
     smtp: aiosmtplib.SMTP, host: str, sender: str, recipients: list[str], message: bytes
-) -> list[RcptResult]:
+) -> tuple[list[RcptResult], bool]:
+    """The results, and whether the session ended the transaction cleanly (reusable)."""
     header_ascii = message[: _header_length(message)].isascii()
     offered_utf8 = smtp.supports_extension("smtputf8")
     envelope_ascii = sender.isascii() and all(r.isascii() for r in recipients)
@@ -202,7 +346,7 @@ async def _transaction(
 
     mail_from = _envelope(sender, utf8)
     if mail_from is None:
-        return [RcptResult(r, "failed", 553, no_utf8, host) for r in recipients]
+        return [RcptResult(r, "failed", 553, no_utf8, host) for r in recipients], False
     options: list[bytes] = []
     if utf8:
         options.append(b"SMTPUTF8")
@@ -214,7 +358,7 @@ async def _transaction(
         response = await smtp.execute_command(b"MAIL", b"FROM:" + mail_from, *options)
     except ValueError as exc:  # a control character in the sender: can never be sent
         text = f"553 5.1.7 bad sender address syntax: {exc}"
-        return [RcptResult(r, "failed", 553, text, host) for r in recipients]
+        return [RcptResult(r, "failed", 553, text, host) for r in recipients], False
     if not 200 <= response.code < 300:
         permanent = 500 <= response.code < 600
         raise _HostError(response.code, reply(response.code, response.message), permanent=permanent)
@@ -245,15 +389,19 @@ async def _transaction(
             )
 
     if not accepted:
+        clean = False
         with contextlib.suppress(Exception):
-            await smtp.execute_command(b"RSET", timeout=_QUIT_TIMEOUT)
-        await _quit(smtp)
-        return [results[r] for r in recipients]
+            clean = (await smtp.execute_command(b"RSET", timeout=_QUIT_TIMEOUT)).code == 250
+        return [results[r] for r in recipients], clean
 
+    clean = False
     try:
         response = await smtp.data(message)
         code, text = response.code, reply(response.code, response.message)
+        clean = True
     except SMTPDataError as exc:
+        # Refused at DATA or at the final dot: aiosmtplib does not say which,
+        # so whether the transaction is still open is unknown; not reused.
         code, text = exc.code, reply(exc.code, exc.message)
     except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError) as exc:
         what = "timeout" if isinstance(exc, TimeoutError) else "lost connection"
@@ -261,8 +409,7 @@ async def _transaction(
     outcome = result_for_code(code)
     for rcpt in accepted:
         results[rcpt] = RcptResult(rcpt, outcome, code, text, host)
-    await _quit(smtp)
-    return [results[r] for r in recipients]
+    return [results[r] for r in recipients], clean
 
 
 def _header_length(message: bytes) -> int:

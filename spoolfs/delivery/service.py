@@ -14,6 +14,11 @@ Failure rules (after maddy's queue):
   message is deferred with doubling backoff, until its lifetime is over:
   then what is still pending bounces (`expired`).
 - SIGTERM: no new deliveries; those in flight get `grace` seconds.
+
+Several delivery processes share the work by subspool: with `shard=(k, n)`
+this one schedules only the messages whose subspool index is k modulo n, so
+two processes never contend for a message (a claim would stop them anyway).
+SMTP sessions to a host are reused across messages (remote.SessionCache).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 from collections.abc import Awaitable
 from functools import partial
 
@@ -28,11 +34,12 @@ from events import clock, head_seq
 from events import schema as ev
 from events.errors import SpoolError
 from events.reader import Cursor, poll
-from spoolfs.claim import claim
+from spoolfs import claim
 from spoolfs.config import Config, parse_hostport
 from spoolfs.delivery import backoff, dsn, maildir, mx, remote
 from spoolfs.delivery.results import DeliveryFailure, RcptResult
 from spoolfs.delivery.scheduler import RANK, Schedule
+from spoolfs.durable import translate
 from spoolfs.errors import CorruptSidecar, MessageBusy, MessageNotFound
 from spoolfs.protolog import ProtocolLog
 from spoolfs.spool import Spool
@@ -44,10 +51,28 @@ BUSY_RETRY = 5.0
 STORE_RETRY = 0.5
 
 
+def _read_all(fd: int, mid: str) -> bytes:
+    """The body through the claim's own descriptor (the inode take() checked)."""
+    chunks: list[bytes] = []
+    offset = 0
+    try:
+        size = os.fstat(fd).st_size
+        while chunk := os.pread(fd, max(size - offset, 65536), offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+    except OSError as exc:
+        raise translate(exc, f"cannot read message {mid}") from exc
+    return b"".join(chunks)
+
+
 class DeliveryService:
-    def __init__(self, config: Config, spool: Spool, *, grace: float = 30.0) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, *, grace: float = 30.0, shard: tuple[int, int] = (0, 1)
+    ) -> None:
         self.spool = spool
         self.grace = grace
+        self.shard = shard
+        self.sessions = remote.SessionCache()
         self.schedule = Schedule()
         self.protolog = ProtocolLog(spool.layout.data / "log", "delivery")
         self.in_flight: dict[str, asyncio.Task[None]] = {}
@@ -64,10 +89,16 @@ class DeliveryService:
 
     # --- the loop -------------------------------------------------------------
 
+    def mine(self, mid: str) -> bool:
+        k, n = self.shard
+        return n == 1 or self.spool.layout.subspool_index(mid) % n == k
+
     def load(self) -> int:
         """Schedule every message in the spool; return the seq to follow from."""
         start = head_seq(self.spool.layout.events) + 1
-        for s in self.spool.sidecars():
+        k, n = self.shard
+        names = self.spool.layout.subspool_names()
+        for s in self.spool.sidecars(subspools=[nn for i, nn in enumerate(names) if i % n == k]):
             if s.status != "held":
                 self.schedule.upsert(
                     s.id, priority=RANK[s.priority], next_at=s.next_attempt_at.timestamp(), forced=s.forced
@@ -77,7 +108,9 @@ class DeliveryService:
     def follow(self, cursor: Cursor) -> Cursor:
         records, cursor = poll(self.spool.layout.events, cursor)
         for record in records:
-            self.schedule.apply(record)
+            mid = getattr(record.payload, "id", None)
+            if isinstance(mid, str) and self.mine(mid):
+                self.schedule.apply(record)
         if records:
             self.wake.set()
         return cursor
@@ -89,12 +122,14 @@ class DeliveryService:
             while not stop.is_set():
                 self.dispatch()
                 await self._sleep(stop)
+                await self.sessions.expire()
         finally:
             follower.cancel()
             if self.in_flight:
                 _, pending = await asyncio.wait(list(self.in_flight.values()), timeout=self.grace)
                 for task in pending:
                     task.cancel()
+            await self.sessions.close()
             self.protolog.close()
 
     async def _follow_loop(self, cursor: Cursor, stop: asyncio.Event) -> None:
@@ -147,30 +182,50 @@ class DeliveryService:
             self.schedule.upsert(mid, next_at=clock.now().timestamp() + self.config.delivery.min_backoff)
 
     async def _attempt(self, mid: str) -> None:
-        eml = self.spool.layout.eml(mid)
-        with claim(eml, mid, wait=0.0):
-            state = await asyncio.to_thread(self.spool.read_claimed, mid)
+        fd, state, body = await asyncio.to_thread(self._take, mid)
+        held = True
+        try:
             if state.status == "held":
                 return
-            now = clock.now()
-            if state.next_attempt_at > now and not state.forced:
+            if body is None:  # not due (yet): a change we followed late
                 self.schedule.upsert(
                     mid, priority=RANK[state.priority], next_at=state.next_attempt_at.timestamp()
                 )
                 return
-            body = await asyncio.to_thread(self.spool.message_bytes, mid)
             pending = [r.address for r in state.recipients if r.state in ("pending", "deferred")]
             try:
                 results = await self._deliver_all(state, body, pending)
             except Exception as exc:  # an unexpected error defers, with the error recorded
                 response = f"451 4.3.0 internal error: {type(exc).__name__}: {exc}"
                 results = [RcptResult(r, "deferred", 451, response, "") for r in pending]
-            done = await asyncio.to_thread(self._conclude, state, body, results)
+            held = False  # the thread below lets go of the claim, whatever happens there
+            done = await asyncio.to_thread(self._conclude_and_release, fd, state, body, results)
             for r in results:
                 self.protolog.write(
                     mid, f"to=<{r.recipient}> relay={r.host or 'none'} status={r.result} ({r.response})"
                 )
             self.protolog.write(mid, done)
+        finally:
+            if held:
+                claim.release(fd)
+
+    def _take(self, mid: str) -> tuple[int, Sidecar, bytes | None]:
+        """The claim, the sidecar and, if it is due, the body: one trip to a thread."""
+        fd = claim.take(self.spool.layout.eml(mid), mid, wait=0.0)
+        try:
+            state = self.spool.read_claimed(mid)
+            due = state.status != "held" and (state.forced or state.next_attempt_at <= clock.now())
+            return fd, state, _read_all(fd, mid) if due else None
+        except BaseException:
+            claim.release(fd)
+            raise
+
+    def _conclude_and_release(self, fd: int, state: Sidecar, body: bytes, results: list[RcptResult]) -> str:
+        # The close frees a finished message's inode and blocks: not on the loop.
+        try:
+            return self._conclude(state, body, results)
+        finally:
+            claim.release(fd)
 
     async def _deliver_all(self, state: Sidecar, body: bytes, pending: list[str]) -> list[RcptResult]:
         groups: dict[str, list[str]] = {}
@@ -223,7 +278,8 @@ class DeliveryService:
     ) -> list[RcptResult]:
         d = self.config.delivery
         nameserver = parse_hostport(d.dns) if d.dns else None
-        sem = self.per_domain.setdefault(domain, asyncio.Semaphore(d.per_domain))
+        limit = d.relayhost_concurrency if domain == "[relayhost]" else d.per_domain
+        sem = self.per_domain.setdefault(domain, asyncio.Semaphore(limit))
         async with sem:
             try:
                 if domain == "[relayhost]":
@@ -246,7 +302,7 @@ class DeliveryService:
                 result = "deferred" if exc.temporary else "failed"
                 return [RcptResult(r, result, exc.code, exc.response, "") for r in rcpts]  # type: ignore[arg-type]
             return await remote.deliver(
-                hosts, state.sender, rcpts, body, helo=self.hostname, timeout=d.timeout
+                hosts, state.sender, rcpts, body, helo=self.hostname, timeout=d.timeout, cache=self.sessions
             )
 
     def _conclude(self, state: Sidecar, body: bytes, results: list[RcptResult]) -> str:

@@ -83,7 +83,7 @@ class PurgeService:
         self.quarantine = Quarantine.for_spool(self.spool, config)
 
 
-def make_service(name: str, config: Config, spool: Spool) -> Service:
+def make_service(name: str, config: Config, spool: Spool, *, shard: tuple[int, int] = (0, 1)) -> Service:
     if name == "smtp":
         return SmtpService(config, spool)
     if name == "purge":
@@ -95,5 +95,5 @@ def make_service(name: str, config: Config, spool: Spool) -> Service:
     if name == "delivery":
         from spoolfs.delivery.service import DeliveryService
 
-        return DeliveryService(config, spool)
+        return DeliveryService(config, spool, shard=shard)
     raise ValueError(f"unknown service {name}")

@@ -2,7 +2,9 @@
 and acts on service control events from the log.
 
 - smtp: `smtp.workers` processes (0: one per core) sharing the port with
-  SO_REUSEPORT; delivery, pickup, purge: one process each.
+  SO_REUSEPORT; delivery: `delivery.workers` processes (0: one per core),
+  each given its share of the subspools (SPOOL_SHARD=k/n); pickup, purge:
+  one process each.
 - A worker that dies is restarted (at most once a second per slot); the
   others go on. Each start and stop is a `service_started` /
   `service_stopped` event (actor `system`, with the pid).
@@ -67,8 +69,10 @@ class Supervisor:
     def _load(self) -> Config:
         return apply_overrides(load_config(self.config_path, data_dir=self.data_dir), self.overrides)
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, slot: Slot | None = None) -> dict[str, str]:
         env = dict(os.environ)
+        if slot is not None:
+            env["SPOOL_SHARD"] = f"{slot.index}/{self._counts()[slot.service]}"
         # glibc's per-thread arenas make the thread-pool workers hold on to
         # memory they no longer use; two arenas keep RSS down at no cost here.
         env.setdefault("MALLOC_ARENA_MAX", "2")
@@ -79,14 +83,19 @@ class Supervisor:
         return env
 
     def _counts(self) -> dict[str, int]:
-        workers = self.config.smtp.workers or os.cpu_count() or 1
-        return {"smtp": workers, "delivery": 1, "pickup": 1, "purge": 1}
+        cores = os.cpu_count() or 1
+        return {
+            "smtp": self.config.smtp.workers or cores,
+            "delivery": self.config.delivery.workers or cores,
+            "pickup": 1,
+            "purge": 1,
+        }
 
     # --- processes ------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> None:
         slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "spoolfs.serve.worker", slot.service], env=self._env()
+            [sys.executable, "-m", "spoolfs.serve.worker", slot.service], env=self._env(slot)
         )
         slot.started = time.monotonic()
 
@@ -207,17 +216,15 @@ class Supervisor:
             self.log.close()
 
     def _recover(self) -> None:
-        """Finish what a crash left half-done (like Postfix's queue check at start)."""
-        from spoolfs.fsck import fsck
-        from spoolfs.spool import Spool
+        """Finish what a crash left half-done (like Postfix's queue check at start).
 
-        with Spool.open(self.config, actor="system") as spool:
-            report = fsck(spool, repair=True, tmp_age=0)
-        mended = [p for p in report.problems if p.repaired]
-        if report.problems:
-            self.say(f"recovery: {len(mended)} of {len(report.problems)} problems repaired")
-            for p in report.problems:
-                self.say(f"  {p.kind} {p.id} {p.detail}{'' if p.repaired else ' [NOT repaired]'}")
+        In a child process: replaying the log takes memory that a long-lived
+        supervisor would keep for good. Its lines go to our stdout."""
+        done = subprocess.run(
+            [sys.executable, "-m", "spoolfs.serve.worker", "recover"], env=self._env(), check=False
+        )
+        if done.returncode != 0:
+            raise SpoolError(f"recovery at start failed (exit {done.returncode}); see above")
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True

@@ -32,10 +32,35 @@ def worker_config() -> Config:
     return config
 
 
+def shard() -> tuple[int, int]:
+    """This process's share of the subspools: SPOOL_SHARD=k/n (default 0/1)."""
+    k, _, n = os.environ.get("SPOOL_SHARD", "0/1").partition("/")
+    try:
+        share = int(k), int(n)
+    except ValueError:
+        share = (0, 0)
+    if not 0 <= share[0] < share[1]:
+        raise SpoolError(f"SPOOL_SHARD must be K/N with 0 <= K < N, not {os.environ['SPOOL_SHARD']!r}")
+    return share
+
+
+def recover(config: Config) -> None:
+    """The recovery fsck at start (run by the supervisor, in this process of its own)."""
+    from spoolfs.fsck import fsck
+
+    with Spool.open(config, actor="system") as spool:
+        report = fsck(spool, repair=True, tmp_age=0)
+    mended = [p for p in report.problems if p.repaired]
+    if report.problems:
+        print(f"recovery: {len(mended)} of {len(report.problems)} problems repaired", flush=True)
+        for p in report.problems:
+            print(f"  {p.kind} {p.id} {p.detail}{'' if p.repaired else ' [NOT repaired]'}", flush=True)
+
+
 async def _run(name: str, config: Config) -> None:
     spool = Spool.open(config, actor=name)
     try:
-        service = make_service(name, config, spool)
+        service = make_service(name, config, spool, shard=shard())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -61,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     name = args[0]
     try:
         config = worker_config()
+        if name == "recover":
+            recover(config)
+            return 0
         try:
             import uvloop  # a faster event loop when installed
 
