@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,10 +23,14 @@ from cli import output
 from cli.context import errors_to_exit, fail, state
 from events import clock
 from events.errors import SpoolError
-from projections import ProjectionBusy, Projections
 from spoolfs.addresses import normalize_sender
 from spoolfs.claim import is_claimed
 from spoolfs.layout import Layout
+
+if TYPE_CHECKING:
+    # DuckDB takes 20 MB and a tenth of a second to import: only the commands
+    # that read the projections pay for it (not `spool serve`, not `spool force`).
+    from projections import Projections
 
 projections_app = typer.Typer(
     help="The DuckDB projections of the log: rebuild, status.", no_args_is_help=True
@@ -59,6 +63,8 @@ def opened(
     ctx: typer.Context, events: list[str] | None = None, *, rebuild: bool = False
 ) -> Iterator[Projections]:
     """The projections, caught up with the log (or read as they are if another process is updating)."""
+    from projections import ProjectionBusy, Projections
+
     config = state(ctx).config
     data = config.data_path
     Layout(data, config.subspools).create()  # the same checks as every spool command
@@ -231,6 +237,8 @@ def status(
     events: EventsOpt = None,
 ) -> None:
     """Watermark, lag in events, and file size of the projections."""
+    from projections import Projections
+
     data = state(ctx).config.data_path
     try:
         proj = Projections.open(data, events, read_only=True)
