@@ -3,19 +3,31 @@ sockets, swaks). What is checked is what was stored, not only the replies."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import os
 import shutil
 import smtplib
 import socket
 import subprocess
 import time
+import types
+import warnings
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP, auth_mechanism
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peers import require
 from smtp_fixture import Running, smtp_server
 
-from events import read_records
+from events import clock, read_records
+from spoolfs.protolog import ProtocolLog
+from spoolfs.smtp.fastpath import fast_getaddr, init_smtp
+from spoolfs.smtp.protocol import SpoolSMTP
 from spoolfs.state import decode_sidecar
 from spoolfs.users import Users
 
@@ -251,11 +263,15 @@ def test_command_timeout(tmp_path: Path) -> None:
 def test_protocol_log_has_the_session_on_every_line(trusted: Running) -> None:
     with smtplib.SMTP("127.0.0.1", trusted.port) as client:
         client.sendmail("a@b.test", ["x@remote.test"], b"Subject: x\r\n\r\nx\r\n")
-    (log,) = list((trusted.spool.layout.data / "log").glob("smtp-*.log"))
-    deadline = time.monotonic() + 5  # the server logs the disconnect after the client has gone
-    while not log.read_text().rstrip().endswith("disconnect") and time.monotonic() < deadline:
+    logs = trusted.spool.layout.data / "log"
+    # the server logs the disconnect after the client has gone, and writes its lines in batches
+    deadline = time.monotonic() + 5
+    text = ""
+    while not text.rstrip().endswith("disconnect") and time.monotonic() < deadline:
         time.sleep(0.02)
-    lines = log.read_text().splitlines()
+        text = "".join(log.read_text() for log in logs.glob("smtp-*.log"))
+    assert len(list(logs.glob("smtp-*.log"))) == 1
+    lines = text.splitlines()
     sessions = {line.split()[1] for line in lines}
     assert len(sessions) == 1 and next(iter(sessions)).startswith("S")
     assert any("queued as" in line for line in lines) and lines[-1].endswith("disconnect")
@@ -324,3 +340,262 @@ def test_disk_full_gives_452_and_recovers(tmp_path: Path) -> None:
             assert len(stored(srv)) == 2
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# --- aiosmtpd's costs, bypassed without a change in behaviour (spoolfs.smtp.fastpath) ---
+
+
+class _AuthHandler:
+    """A handler with everything aiosmtpd introspects: hooks, an AUTH mechanism, a 5-argument EHLO hook."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ):
+        return responses
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 OK"
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> None:  # replaces the built-in one
+        return None
+
+    @auth_mechanism("X-TOKEN")
+    async def auth_token(self, server: Any, args: list[str]) -> None:
+        return None
+
+
+class _OldEhloHandler:
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        return "250 old"
+
+
+def _canon(value: Any, owner: object) -> Any:
+    """A comparable picture of one attribute: bound methods by function and owner, fresh objects by type."""
+    if isinstance(value, types.MethodType):
+        return ("method", value.__func__, "self" if value.__self__ is owner else value.__self__)
+    if isinstance(value, dict):
+        return [(k, _canon(v, owner)) for k, v in value.items()]  # order matters too
+    if isinstance(value, tuple):
+        return (type(value), *(_canon(v, owner) for v in value))
+    if isinstance(value, asyncio.StreamReader):
+        return ("StreamReader", value._limit)  # type: ignore[attr-defined]
+    if isinstance(value, weakref.ref | asyncio.Future | collections.deque):
+        return type(value)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("handler", "kwargs"),
+    [
+        (None, {}),
+        ("spool", {"data_size_limit": 1000, "enable_SMTPUTF8": True, "hostname": "h.test", "ident": "x"}),
+        (_AuthHandler(), {"auth_exclude_mechanism": ["LOGIN"], "command_call_limit": 7}),
+        (_AuthHandler(), {"authenticator": lambda *a: None, "command_call_limit": {"*": 3, "MAIL": 2}}),
+        (_OldEhloHandler(), {"auth_required": True, "auth_require_tls": False, "proxy_protocol_timeout": 5}),
+    ],
+)
+def test_cached_init_builds_what_aiosmtpd_builds(
+    trusted: Running, handler: Any, kwargs: dict[str, Any]
+) -> None:
+    if handler == "spool":
+        handler = trusted.server.handler
+    loop = asyncio.new_event_loop()
+    try:
+        built = []
+        for init in (SMTP.__init__, init_smtp, init_smtp):  # the second init_smtp reads the cache
+            proto = SpoolSMTP.__new__(SpoolSMTP)
+            proto.line_length_limit = 1000
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                init(proto, handler, loop=loop, **kwargs)
+            state = {k: _canon(v, proto) for k, v in vars(proto).items()}
+            built.append((state, [(w.category, str(w.message)) for w in caught]))
+        assert built[1] == built[0]
+        assert built[2] == built[0]
+    finally:
+        loop.close()
+
+
+def test_cached_init_refuses_what_aiosmtpd_refuses() -> None:
+    class Bad:
+        async def handle_EHLO(self, server: Any) -> str:
+            return "250"
+
+    loop = asyncio.new_event_loop()
+    try:
+        for init in (SMTP.__init__, init_smtp):
+            proto = SpoolSMTP.__new__(SpoolSMTP)
+            with pytest.raises(RuntimeError, match="Unsupported EHLO Hook"):
+                init(proto, Bad(), loop=loop)
+            with pytest.raises(ValueError, match="proxy_protocol_timeout"):
+                init(proto, None, loop=loop, proxy_protocol_timeout=0)
+    finally:
+        loop.close()
+
+
+class _Addr:
+    local_part_limit = 0
+
+
+def _library_getaddr(arg: str) -> Any:
+    try:
+        return SMTP._getaddr(_Addr(), arg)  # type: ignore[arg-type]
+    except Exception as exc:  # the header parser raises more than HeaderParseError
+        return type(exc)
+
+
+_ADDRESS_BITS = st.sampled_from(
+    [
+        *(
+            "a",
+            "B",
+            "0",
+            ".",
+            "@",
+            "<",
+            ">",
+            "=?",
+            "?=",
+            '"',
+            "(",
+            ")",
+            "[",
+            "]",
+            ":",
+            ",",
+            ";",
+            "\\",
+            "!",
+            "%",
+        ),
+        *(
+            "'",
+            " ",
+            "\t",
+            "\x0b",
+            "\r",
+            "\x1c",
+            "\u2003",
+            "ü",
+            "-",
+            "_",
+            "example.org",
+            "SIZE=10",
+            "=?utf-8?q?x?=",
+        ),
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(st.lists(_ADDRESS_BITS, max_size=12).map("".join))
+def test_fast_getaddr_agrees_with_aiosmtpd(arg: str) -> None:
+    for text in (arg, f"<{arg}", f"<a@b.test>{arg}", f"<{arg}@x.test> SIZE=1", f"<x@{arg}>"):
+        found = fast_getaddr(text)
+        if found is not None:
+            assert found == _library_getaddr(text), text
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<a@b.test>",
+        "<a@b.test> SIZE=1 BODY=8BITMIME",
+        "<a@b.test>SIZE=1",
+        "<a@b.test> \t SIZE=1",
+        "<>",
+        "<> SIZE=3",
+        "<prvs=1234=x.y+z@Example.ORG>",
+        "<SRS0=abcd=TT=example.com=x@b.test>",
+    ],
+)
+def test_fast_getaddr_takes_the_plain_forms(arg: str) -> None:
+    assert fast_getaddr(arg) == _library_getaddr(arg)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "a@b.test",  # no angle brackets
+        "<@relay.test:victim@remote.test>",  # source route: aiosmtpd drops it
+        '<"a b"@c.test>',
+        "<a@[127.0.0.1]>",
+        "<a@b.test.>",
+        "<a..b@c.test>",
+        "<=?utf-8?q?x?=@b.test>",  # aiosmtpd decodes the encoded word
+        "<a@b.test> (comment) SIZE=1",
+        "<ü@b.test>",
+        "<a@b.test",
+    ],
+)
+def test_fast_getaddr_leaves_the_rest_to_aiosmtpd(arg: str) -> None:
+    assert fast_getaddr(arg) is None
+
+
+def test_ehlo_reply_is_one_write(trusted: Running) -> None:
+    conn = Raw(trusted.port)
+    conn.sock.sendall(b"EHLO client.example\r\n")
+    first = conn.sock.recv(65536).decode()  # one send() arrives as one segment on loopback
+    lines = first.split("\r\n")
+    assert lines[-2].startswith("250 ") and all(line.startswith("250-") for line in lines[:-2]), first
+    assert "250-PIPELINING" in lines and "250-ENHANCEDSTATUSCODES" in lines and "250-SMTPUTF8" in lines
+    conn.close()
+
+
+# --- the protocol log, batched (spoolfs.protolog) ---
+
+
+def test_protolog_batches_and_writes_on_close(tmp_path: Path) -> None:
+    log = ProtocolLog(tmp_path, "smtp", flush_interval=3600)
+
+    async def session() -> None:
+        log.write("S1", "connect")
+        log.write("S1", "line with\r\nnewline")
+
+    asyncio.run(session())
+    assert list(tmp_path.glob("*.log")) == [] or (tmp_path / f"smtp-{_today()}.log").read_text() == ""
+    log.close()
+    lines = (tmp_path / f"smtp-{_today()}.log").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["S1 connect", "S1 line with  newline"]
+    assert all(len(line.split(" ", 1)[0]) == len("2026-11-29T15:02:03.123456Z") for line in lines)
+    log.write("S2", "after close")  # written at once
+    assert (tmp_path / f"smtp-{_today()}.log").read_text().endswith("S2 after close\n")
+
+
+def test_protolog_flushes_on_its_timer_and_outside_a_loop(tmp_path: Path) -> None:
+    log = ProtocolLog(tmp_path, "smtp", flush_interval=0.05)
+    path = tmp_path / f"smtp-{_today()}.log"
+
+    async def session() -> str:
+        log.write("S1", "connect")
+        await asyncio.sleep(0.3)
+        return path.read_text()
+
+    assert asyncio.run(session()).endswith("S1 connect\n")
+    log.write("S1", "from a thread, no loop")  # nothing would ever flush it: written at once
+    assert path.read_text().endswith("S1 from a thread, no loop\n")
+    log.close()
+
+
+def test_protolog_two_writers_never_split_a_line(tmp_path: Path) -> None:
+    a = ProtocolLog(tmp_path, "smtp", flush_interval=3600)
+    b = ProtocolLog(tmp_path, "smtp", flush_interval=3600)
+
+    async def both() -> None:
+        for i in range(3000):
+            a.write("SA", f"a line {i} " + "x" * 40)
+            b.write("SB", f"b line {i} " + "y" * 40)
+
+    asyncio.run(both())  # 64 KiB batches, each one write
+    a.close()
+    b.close()
+    lines = (tmp_path / f"smtp-{_today()}.log").read_text().splitlines()
+    assert len(lines) == 6000
+    assert [line for line in lines if " SA " in line] == sorted(
+        (line for line in lines if " SA " in line), key=lambda line: int(line.split()[4])
+    )
+    assert all(line.endswith("x" * 40) or line.endswith("y" * 40) for line in lines)
+
+
+def _today() -> str:
+    return clock.now().strftime("%Y-%m-%d")

@@ -19,6 +19,7 @@ Failure rules (what the client hears):
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 from concurrent.futures import Executor
 from functools import partial
@@ -32,6 +33,18 @@ from spoolfs.scan.gate import UNSCANNED_REPLY, ScanGate
 from spoolfs.scan.scanner import ScanResult
 from spoolfs.smtp.policy import RelayPolicy
 from spoolfs.spool import Spool
+
+_date_cache: list[tuple[int, str]] = [(-1, "")]
+
+
+def received_date(now: datetime.datetime) -> str:
+    """RFC 5322 date of `now` (UTC), to the second: formatted once a second, not once a message."""
+    second = int(now.timestamp())
+    cached = _date_cache[0]
+    if cached[0] != second:
+        cached = (second, email.utils.format_datetime(now.replace(microsecond=0)))
+        _date_cache[0] = cached
+    return cached[1]
 
 
 class SpoolHandler:
@@ -118,7 +131,7 @@ class SpoolHandler:
         ip = self._ip(session)
         proto = "UTF8SMTP" if envelope.smtp_utf8 else ("ESMTP" if session.extended_smtp else "SMTP")
         rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        date = email.utils.format_datetime(clock.now())
+        date = received_date(clock.now())
         text = f"Received: from {helo} ([{ip}])\r\n\tby {self.hostname} (spoolfs) with {proto} id {message_id}{rcpt};\r\n\t{date}\r\n"
         return text.encode("utf-8", "replace")
 

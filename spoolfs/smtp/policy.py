@@ -24,6 +24,7 @@ from spoolfs.errors import InvalidAddress
 from spoolfs.users import Users
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+TRUSTED_CACHE = 4096  # client addresses remembered; then forgotten all at once
 
 
 class RelayPolicy:
@@ -31,8 +32,19 @@ class RelayPolicy:
         self.local_domains = {d.lower() for d in local_domains}
         self.networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in mynetworks]
         self.users = users
+        self._trusted: dict[str, bool] = {}  # a reload makes a new policy, so never stale
 
     def trusted(self, client_ip: str) -> bool:
+        # asked for every recipient; parsing the address was 1% of ingest
+        known = self._trusted.get(client_ip)
+        if known is None:
+            known = self._in_mynetworks(client_ip)
+            if len(self._trusted) >= TRUSTED_CACHE:
+                self._trusted.clear()
+            self._trusted[client_ip] = known
+        return known
+
+    def _in_mynetworks(self, client_ip: str) -> bool:
         try:
             ip = ipaddress.ip_address(client_ip)
         except ValueError:

@@ -6,6 +6,10 @@ a session ID for the protocol log, RFC 3463 enhanced status codes on the
 replies aiosmtpd words itself (size and line-length refusals), and a 421
 before a timeout disconnect. Policy stays in the handler.
 
+aiosmtpd's per-connection introspection and its address parser are
+bypassed where that cannot change a reply (spoolfs.smtp.fastpath), and the
+lines of a multi-line reply go out in one write.
+
 Failure rules: a client over its connection limit gets `421 4.7.0` and is
 disconnected before the greeting; nothing is logged as an event.
 """
@@ -13,13 +17,15 @@ disconnected before the greeting; nothing is logged as an event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import Counter
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, log
 
 from spoolfs.protolog import ProtocolLog
+from spoolfs.smtp.fastpath import INIT_MATCHES, fast_getaddr, init_smtp
 
 # aiosmtpd's own wording -> ours, with enhanced status codes.
 _REPLIES = {
@@ -59,12 +65,16 @@ class SpoolSMTP(SMTP):
     ) -> None:
         # aiosmtpd reads this in __init__ for the stream limit; +2 for CRLF
         self.line_length_limit = max_line_length + 2
-        super().__init__(handler, **kwargs)
+        if INIT_MATCHES:
+            init_smtp(self, handler, **kwargs)
+        else:
+            super().__init__(handler, **kwargs)
         self.counter = counter
         self.protolog = protolog
         self.sid = session_id()
         self.client = ""
         self._refused = False
+        self._continued: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername") or ("?", 0)
@@ -95,7 +105,30 @@ class SpoolSMTP(SMTP):
         text = _REPLIES.get(text, text)
         if text[:1] in "45":
             self.protolog.write(self.sid, f"< {text}")
-        await super().push(text)
+        # aiosmtpd's push, except that the continuation lines of a reply
+        # ("250-...") wait for its last line: one send() for an EHLO reply
+        response = text.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        line = response + b"\r\n"
+        if text[3:4] == "-":
+            self._continued.append(line)
+            return
+        if self._continued:
+            self._continued.append(line)
+            line = b"".join(self._continued)
+            self._continued.clear()
+        self._writer.write(line)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%r << %r", self.session.peer if self.session else None, response)
+        await self._writer.drain()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        found = fast_getaddr(arg) if arg else None
+        if found is None:
+            return super()._getaddr(arg)
+        address, rest = found
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, rest
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -5,7 +5,9 @@ kernel spreads connections over the workers and one worker dying does not
 close the port for the others.
 
 Failure rules: a port that cannot be bound raises SpoolError naming the
-address (exit 1 in the CLI, the supervisor logs it and retries).
+address (exit 1 in the CLI, the supervisor logs it and retries). The
+protocol log is written in batches (spoolfs.protolog); `stop()` writes what
+is waiting, so only a killed worker loses its last fraction of a second.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from spoolfs.smtp.policy import RelayPolicy
 from spoolfs.smtp.protocol import ConnectionCounter, SpoolSMTP
 from spoolfs.spool import Spool
 from spoolfs.users import Users
+
+PROTOLOG_FLUSH = 0.2  # seconds a protocol log line may wait in memory
 
 
 def listen_socket(address: str, *, reuse_port: bool = True) -> socket.socket:
@@ -50,7 +54,8 @@ class SmtpServer:
     def __init__(self, config: Config, spool: Spool, *, threads: int = 64) -> None:
         self.config = config
         self.spool = spool
-        self.protolog = ProtocolLog(spool.layout.data / "log", "smtp")
+        # a diagnostic log: batched, about eight lines a message (stop() writes the rest)
+        self.protolog = ProtocolLog(spool.layout.data / "log", "smtp", flush_interval=PROTOLOG_FLUSH)
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="enqueue")
         self.counter = ConnectionCounter(config.smtp.max_connections_per_client)
         self.users = Users(spool.layout.data, config.smtp.local_domains)
@@ -95,6 +100,9 @@ class SmtpServer:
             hostname=smtp.hostname or self.config.node,
             ident="spoolfs",
             timeout=smtp.command_timeout,
+            # aiosmtpd would look the loop up under warnings.catch_warnings()
+            # for every connection; the factory always runs in this loop
+            loop=asyncio.get_running_loop(),
         )
 
     async def start(self, sock: socket.socket | None = None) -> asyncio.Server:
