@@ -21,13 +21,12 @@ import os
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
 from pathlib import Path
 
 from bench.common import Bench, clock, fmt, out, parser, positive_int, run_threads, split, temp_dir
 from events import EventLog, head_seq
 from events import clock as ev_clock
-from events.log import _Pending
+from events.log import Ticket, _Pending
 from events.schema import GENESIS, AnyEvent, MessageEnqueued, MessageForced, Record, encode_record
 from spoolfs.ids import new_id
 
@@ -105,7 +104,7 @@ def run_group(
 
             def work(i: int, deadline: float) -> int:
                 pool, n = pools[i], len(pools[i])
-                pending: deque[Future[list[Record]]] = deque()
+                pending: deque[Ticket] = deque()
                 done = 0
                 for k in range(quotas[i]):
                     if len(pending) >= window:

@@ -26,7 +26,6 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -64,11 +63,49 @@ class _Tail:
     hash: str
 
 
+class Ticket:
+    """The promise of one submit: `result()` waits until the batch is durable.
+
+    A bare lock instead of concurrent.futures.Future (a Condition, a list of
+    waiters and a state machine each): at 100,000 appends a second, the
+    Future alone cost a third of the CPU of an append.
+    """
+
+    __slots__ = ("_done", "_error", "_records", "_then")
+
+    def __init__(self, then: Callable[[], None] | None = None) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._records: list[Record] = []
+        self._error: BaseException | None = None
+        self._then = then  # called in the committer thread once settled
+
+    def result(self, timeout: float | None = None) -> list[Record]:
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError("the event log has not committed yet")
+        self._done.release()
+        if self._error is not None:
+            raise self._error
+        return self._records
+
+    def done(self) -> bool:
+        return not self._done.locked()
+
+    def _settle(self, records: list[Record], error: BaseException | None) -> None:
+        self._records, self._error = records, error
+        self._done.release()
+        if self._then is not None:
+            try:
+                self._then()
+            except Exception:  # e.g. the waiter's event loop is gone: the committer goes on
+                pass
+
+
 @dataclass
 class _Pending:
     events: Sequence[Event]
     actor: str
-    future: Future[list[Record]]
+    ticket: Ticket
 
 
 class EventLog:
@@ -90,6 +127,7 @@ class EventLog:
         self._fd: int | None = None
         self._fd_path: Path | None = None
         self._cond = threading.Condition()
+        self._idle = False  # the committer waits on _cond: a submit must wake it
         self._pending: list[_Pending] = []
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -101,18 +139,23 @@ class EventLog:
 
     # --- public API -----------------------------------------------------------
 
-    def submit(self, events: Sequence[Event], actor: str) -> Future[list[Record]]:
-        """Queue events for the next group commit; the future gives their records."""
-        future: Future[list[Record]] = Future()
+    def submit(
+        self, events: Sequence[Event], actor: str, *, then: Callable[[], None] | None = None
+    ) -> Ticket:
+        """Queue events for the next group commit; the ticket gives their records.
+
+        `then` is called (in the committer thread) once the ticket is settled."""
+        ticket = Ticket(then)
         with self._cond:
             if self._closing:
                 raise LogError("event log is closed")
-            self._pending.append(_Pending(list(events), actor, future))
+            self._pending.append(_Pending(list(events), actor, ticket))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="event-log-committer", daemon=True)
                 self._thread.start()
-            self._cond.notify()
-        return future
+            elif self._idle:
+                self._cond.notify()
+        return ticket
 
     def append(self, event: Event, actor: str) -> Record:
         """Append one event and return its record once it is durable."""
@@ -122,8 +165,15 @@ class EventLog:
         return self.submit(events, actor).result()
 
     async def append_async(self, event: Event, actor: str) -> Record:
-        records = await asyncio.wrap_future(self.submit([event], actor))
-        return records[0]
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(woken.set)
+
+        ticket = self.submit([event], actor, then=wake)
+        await woken.wait()
+        return ticket.result()[0]
 
     def repair(self) -> Record | None:
         """Cut a torn tail now if there is one; return the log_repaired record."""
@@ -156,7 +206,9 @@ class EventLog:
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
+                    self._idle = True
                     self._cond.wait()
+                    self._idle = False
                 if not self._pending:
                     return
                 batch, self._pending = self._pending, []
@@ -164,10 +216,10 @@ class EventLog:
                 records = self._commit(batch)
             except BaseException as exc:  # every waiter must hear about it
                 for item in batch:
-                    item.future.set_exception(exc)
+                    item.ticket._settle([], exc)
                 continue
             for item, recs in zip(batch, records, strict=True):
-                item.future.set_result(recs)
+                item.ticket._settle(recs, None)
 
     def _commit(self, batch: list[_Pending]) -> list[list[Record]]:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)

@@ -74,8 +74,9 @@ class Supervisor:
         if slot is not None:
             env["SPOOL_SHARD"] = f"{slot.index}/{self._counts()[slot.service]}"
         # glibc's per-thread arenas make the thread-pool workers hold on to
-        # memory they no longer use; two arenas keep RSS down at no cost here.
-        env.setdefault("MALLOC_ARENA_MAX", "2")
+        # memory they no longer use; one arena keeps RSS down (the GIL serialises
+        # most allocations anyway).
+        env.setdefault("MALLOC_ARENA_MAX", "1")
         if self.config_path:
             env["SPOOL_CONFIG"] = str(self.config_path)
         env["SPOOL_DATA_DIR"] = self.config.data_dir
