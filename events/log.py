@@ -35,7 +35,7 @@ import msgspec
 from events import clock
 from events.errors import LogError, StorageFull
 from events.schema import GENESIS, Event, LogRepaired, Record, decode_record, encode_record
-from events.segments import last_lines, list_segments, segment_name
+from events.segments import PREV_END, PREV_START, last_lines, list_segments, segment_name
 
 LOCK_NAME = ".lock"
 DEFAULT_SEGMENT_BYTES = 64 << 20
@@ -309,11 +309,46 @@ class EventLog:
                 size = -1
             except OSError as exc:
                 raise translate_os_error(exc, "cannot stat event log") from exc
-            if size == tail.size and not os.path.exists(self.directory / segment_name(tail.seq + 1)):
-                return tail, None
+            if not os.path.exists(self.directory / segment_name(tail.seq + 1)):
+                if size == tail.size:
+                    return tail, None
+                # (after reading on, the roll check again: the writer may have
+                # filled our segment and started the next one)
+                if (
+                    size > tail.size
+                    and self._read_on(tail, size)
+                    and not os.path.exists(self.directory / segment_name(tail.seq + 1))
+                ):
+                    return tail, None
         tail, repaired = self._load_tail(list_segments(self.directory))
         self._tail = tail
         return tail, repaired
+
+    def _read_on(self, tail: _Tail, size: int) -> bool:
+        """Move the cached tail over what other processes appended since.
+
+        Their batches are whole lines written under the lock; anything else
+        (a torn end, a line that does not continue our chain) returns False
+        and the full tail load, which repairs, takes over.
+        """
+        try:
+            fd = os.open(tail.path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, size - tail.size, tail.size)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        if len(data) != size - tail.size or not data.endswith(b"\n"):
+            return False
+        if data[PREV_START:PREV_END] != tail.hash.encode():
+            return False
+        last = data[data.rfind(b"\n", 0, len(data) - 1) + 1 : -1]
+        seq = _seq_of(last)
+        if seq is None or seq <= tail.seq:
+            return False
+        tail.size, tail.seq, tail.hash = size, seq, hashlib.sha256(last).hexdigest()
+        return True
 
     def _load_tail(self, segments: list[Path]) -> tuple[_Tail, LogRepaired | None]:
         if not segments:

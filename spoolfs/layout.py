@@ -26,6 +26,8 @@ class Layout:
         self.events = self.data / "events"
         self.quarantine = self.data / "quarantine"
         self.subspools = subspools
+        # joined once: path building showed in the profile of SMTP ingest
+        self._dirs = [self.spool / f"{n:02x}" for n in range(subspools)] if subspools > 0 else []
 
     def create(self) -> None:
         """Make the directories; pin or check the subspool count."""
@@ -59,10 +61,10 @@ class Layout:
         return f"{self.subspool_index(message_id):02x}"
 
     def eml(self, message_id: str) -> Path:
-        return self.spool / self.subspool_of(message_id) / f"{message_id}.eml"
+        return self._dirs[self.subspool_index(message_id)] / f"{message_id}.eml"
 
     def sidecar(self, message_id: str) -> Path:
-        return self.spool / self.subspool_of(message_id) / f"{message_id}.json"
+        return self._dirs[self.subspool_index(message_id)] / f"{message_id}.json"
 
     def tmp_eml(self, message_id: str) -> Path:
         return self.tmp / f"{message_id}.eml"
