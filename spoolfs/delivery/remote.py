@@ -159,9 +159,12 @@ class SessionCache:
 
     async def _close(self, sessions: list[_Cached]) -> None:
         loop = asyncio.get_running_loop()
+        # QUIT them all at once, within one bound: a hung server must not hold up a stop
+        ours = [c.smtp for c in sessions if c.loop is loop]
+        if ours:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(_quit(smtp) for smtp in ours)), _QUIT_TIMEOUT)
         for cached in sessions:
-            if cached.loop is loop:
-                await _quit(cached.smtp)
             self._drop(cached.smtp)
 
     def __len__(self) -> int:
