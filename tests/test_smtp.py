@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import shutil
 import smtplib
@@ -26,8 +27,10 @@ from smtp_fixture import Running, smtp_server
 
 from events import clock, read_records
 from spoolfs.protolog import ProtocolLog
+from spoolfs.smtp import data as bulk_data
+from spoolfs.smtp import protocol as protocol_module
 from spoolfs.smtp.fastpath import fast_getaddr, init_smtp
-from spoolfs.smtp.protocol import SpoolSMTP
+from spoolfs.smtp.protocol import ConnectionCounter, SpoolSMTP
 from spoolfs.state import decode_sidecar
 from spoolfs.users import Users
 
@@ -208,18 +211,20 @@ def test_line_length_limit(tmp_path: Path) -> None:
         b"\r\n.\r",
     ],
 )
-def test_smuggling_never_makes_two_messages(trusted: Running, smuggle: bytes) -> None:
+@pytest.mark.parametrize("pieces", [False, True])
+def test_smuggling_never_makes_two_messages(trusted: Running, smuggle: bytes, pieces: bool) -> None:
     conn = Raw(trusted.port)
     conn.cmd("EHLO client.example")
     conn.cmd("MAIL FROM:<a@b.test>")
     conn.cmd("RCPT TO:<x@remote.test>")
     assert conn.cmd("DATA").startswith("354")
-    payload = (
-        b"Subject: first\r\n\r\nbody"
-        + smuggle
-        + b"MAIL FROM:<evil@b.test>\r\nRCPT TO:<victim@remote.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n"
-    )
-    reply = conn.cmd(payload)
+    head = b"Subject: first\r\n\r\nbody"
+    rest = b"MAIL FROM:<evil@b.test>\r\nRCPT TO:<victim@remote.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n"
+    if pieces:  # the would-be end of data one byte a read, as a slow client sends it
+        send_slowly(conn, [head, *(smuggle[i : i + 1] for i in range(len(smuggle))), rest[:5]])
+        reply = conn.cmd(rest[5:])
+    else:
+        reply = conn.cmd(head + smuggle + rest)
     assert reply.startswith("250"), reply
     conn.cmd("QUIT")
     conn.close()
@@ -228,6 +233,14 @@ def test_smuggling_never_makes_two_messages(trusted: Running, smuggle: bytes) ->
     sidecar = trusted.spool.get(ids[0])
     assert sidecar.sender == "a@b.test" and [r.address for r in sidecar.recipients] == ["x@remote.test"]
     assert b"Subject: smuggled" in trusted.spool.message_bytes(ids[0])  # kept as content, not a message
+
+
+def send_slowly(conn: Raw, pieces: list[bytes]) -> None:
+    """Each piece in its own segment, read by the server before the next one arrives."""
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for piece in pieces:
+        conn.sock.sendall(piece)
+        time.sleep(0.01)
 
 
 def test_connections_per_client(tmp_path: Path) -> None:
@@ -599,3 +612,378 @@ def test_protolog_two_writers_never_split_a_line(tmp_path: Path) -> None:
 
 def _today() -> str:
     return clock.now().strftime("%Y-%m-%d")
+
+
+# --- DATA read in bulk (spoolfs.smtp.data) ---
+
+# A body with dot-stuffed lines, an empty line, a lone CR and LF, and dots inside lines.
+_STUFFED = b"Subject: pieces\r\n\r\n..leading dot\r\nplain . dot\r\n...\r\n\r\nbare\rcr and\nlf\r\n.\r\n"
+_UNSTUFFED = b"Subject: pieces\r\n\r\n.leading dot\r\nplain . dot\r\n..\r\n\r\nbare\rcr and\nlf\r\n"
+
+
+def _split(data: bytes, *cuts: int) -> list[bytes]:
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _transaction(conn: Raw) -> None:
+    assert conn.cmd("MAIL FROM:<a@b.test>").startswith("250")
+    assert conn.cmd("RCPT TO:<x@remote.test>").startswith("250")
+    assert conn.cmd("DATA").startswith("354")
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        pytest.param([line + b"\n" for line in _STUFFED.split(b"\n")[:-1]], id="line-by-line"),
+        pytest.param(_split(_STUFFED, len(_STUFFED) - 3), id="end-line-alone"),
+        pytest.param(_split(_STUFFED, len(_STUFFED) - 2), id="end-after-CRLF-dot"),
+        pytest.param(_split(_STUFFED, len(_STUFFED) - 1), id="end-between-CR-and-LF"),
+        pytest.param(_split(_STUFFED, len(_STUFFED) - 4), id="end-between-CR-LF-of-last-line"),
+        pytest.param(_split(_STUFFED, 18, 19, 20, 21, 46, 47, 48, 49), id="stuffed-dots-split"),
+        pytest.param([_STUFFED[i : i + 1] for i in range(len(_STUFFED))], id="byte-by-byte"),
+    ],
+)
+def test_data_arriving_in_pieces(trusted: Running, pieces: list[bytes]) -> None:
+    assert b"".join(pieces) == _STUFFED
+    conn = Raw(trusted.port)
+    conn.cmd("EHLO client.example")
+    _transaction(conn)
+    send_slowly(conn, pieces[:-1])
+    assert conn.cmd(pieces[-1]).startswith("250 2.0.0 Ok: queued as")
+    assert conn.cmd("QUIT").startswith("221")
+    conn.close()
+    (mid,) = stored(trusted)
+    assert trusted.spool.message_bytes(mid).endswith(b"\r\n" + _UNSTUFFED)
+
+
+def test_data_pipelined_after_the_end_line(trusted: Running) -> None:
+    """What follows the end line in the same segment is left for the command loop."""
+    conn = Raw(trusted.port)
+    conn.cmd("EHLO client.example")
+    second = b"Subject: second\r\n\r\n..\r\nend\r\n"
+    conn.sock.sendall(
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\n"
+        + _STUFFED
+        + b"MAIL FROM:<b@b.test>\r\nRCPT TO:<y@remote.test>\r\nDATA\r\n"
+        + second
+        + b".\r\nQUIT\r\n"
+    )
+    replies = [conn.reply()[:3] for _ in range(9)]
+    assert replies == ["250", "250", "354", "250", "250", "250", "354", "250", "221"]
+    conn.close()
+    bodies = {trusted.spool.get(mid).sender: trusted.spool.message_bytes(mid) for mid in stored(trusted)}
+    assert bodies["a@b.test"].endswith(b"\r\n" + _UNSTUFFED)
+    assert bodies["b@b.test"].endswith(b"\r\nSubject: second\r\n\r\n.\r\nend\r\n")
+
+
+def test_data_first_line_is_the_end_line(trusted: Running) -> None:
+    conn = Raw(trusted.port)
+    conn.cmd("EHLO client.example")
+    conn.sock.sendall(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@remote.test>\r\nDATA\r\n.\r\nQUIT\r\n")
+    assert [conn.reply()[:3] for _ in range(5)] == ["250", "250", "354", "250", "221"]
+    conn.close()
+    (mid,) = stored(trusted)
+    # an empty body: nothing but the Received header the server prepends
+    first, *folded, last = trusted.spool.message_bytes(mid).split(b"\r\n")
+    assert first.startswith(b"Received: ") and all(line[:1] == b"\t" for line in folded) and last == b""
+
+
+def test_data_large_body_over_many_reads(trusted: Running) -> None:
+    lines = [b"." * (i % 7) + b"line %d" % i + b"x" * (i % 90) for i in range(40_000)]
+    body = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line[:1] == b"." else line) + b"\r\n" for line in lines)
+    conn = Raw(trusted.port)
+    conn.cmd("EHLO client.example")
+    _transaction(conn)
+    assert conn.cmd(stuffed + b".\r\nQUIT\r\n").startswith("250")
+    assert conn.reply().startswith("221")
+    conn.close()
+    (mid,) = stored(trusted)
+    assert trusted.spool.message_bytes(mid).endswith(b"\r\n" + body)
+
+
+def test_refused_bodies_are_drained_to_the_end_line(tmp_path: Path) -> None:
+    with smtp_server(
+        tmp_path / "data", mynetworks=["127.0.0.0/8"], max_message_size=10_000, max_line_length=100
+    ) as srv:
+        conn = Raw(srv.port)
+        conn.cmd("EHLO client.example")
+        _transaction(conn)
+        big = b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 3000
+        send_slowly(conn, [big[:5000], big[5000:20000]])
+        assert conn.cmd(big[20000:] + b".\r\nRSET\r\n").startswith("552 5.3.4")
+        assert conn.reply().startswith("250")  # the RSET, read as a command
+        _transaction(conn)
+        # the ".\r\n" ending an overlong line is not the end line, even at the start of a read
+        send_slowly(conn, [b"Subject: long\r\n\r\n" + b"y" * 5000 + b".", b"\r\nQUIT\r\n"])
+        assert conn.cmd(b".\r\nRSET\r\n").startswith("500 5.5.2")
+        assert conn.reply().startswith("250")
+        _transaction(conn)
+        assert conn.cmd(b"Subject: fine\r\n\r\n" + b"z" * 100 + b"\r\n.\r\n").startswith("250 2.0.0")
+        conn.close()
+        (mid,) = stored(srv)
+        assert srv.spool.message_bytes(mid).endswith(b"z" * 100 + b"\r\n")
+
+
+def test_data_stalled_times_out(tmp_path: Path) -> None:
+    """The DATA command's timer runs through the body: a client that stops mid-body is let go."""
+    with smtp_server(tmp_path / "data", mynetworks=["127.0.0.0/8"], command_timeout=0.5) as srv:
+        conn = Raw(srv.port)
+        conn.cmd("EHLO client.example")
+        _transaction(conn)
+        send_slowly(conn, [b"Subject: slow\r\n\r\n", b"half a line"])
+        time.sleep(1.2)
+        assert conn.reply().startswith("421 4.4.2")
+        assert conn.sock.recv(100) == b""  # closed
+        conn.close()
+        assert stored(srv) == []
+
+
+class _Wire(asyncio.Transport):
+    """A transport under the test's control: what the server writes is kept."""
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__({"peername": ("127.0.0.1", 40000)})
+        self.protocol = protocol
+        self.out = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _Notes:
+    """The protocol log and the handler in one: what the server logged and what it handed over."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.seen: list[tuple[Any, ...]] = []
+
+    def write(self, sid: str, text: str) -> None:
+        self.lines.append(text)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.seen.append((envelope.mail_from, envelope.rcpt_tos, envelope.content, envelope.original_content))
+        return "250 OK"
+
+
+class _LineByLine(SpoolSMTP):
+    """SpoolSMTP with aiosmtpd's own DATA reader: the reference."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        await SMTP.smtp_DATA(self, arg)
+
+
+async def _settle(proto: SMTP) -> None:
+    """Run the session until it waits for the client or has ended."""
+    for _ in range(200):
+        await asyncio.sleep(0)
+        task = proto._handler_coroutine
+        if task is not None and (task.done() or proto._reader._waiter is not None):
+            await asyncio.sleep(0)  # a close() schedules connection_lost
+            return
+
+
+async def _session(
+    cls: type[SpoolSMTP], chunks: list[bytes], ending: str = "quit", **kwargs: Any
+) -> tuple[Any, ...]:
+    """A whole session fed to a protocol object in these chunks: (transcript, log, handed over, rest)."""
+    notes = _Notes()
+    kwargs.setdefault("max_line_length", 998)
+    proto = cls(
+        notes,
+        counter=ConnectionCounter(10),
+        protolog=notes,  # type: ignore[arg-type]
+        hostname="mx.test",
+        ident="test",
+        loop=asyncio.get_running_loop(),
+        **kwargs,
+    )
+    wire = _Wire(proto)
+    proto.connection_made(wire)
+    for chunk in chunks:
+        await _settle(proto)
+        if wire.closing:
+            break
+        proto.data_received(chunk)
+    await _settle(proto)
+    if not wire.closing:
+        if ending == "eof":
+            proto.eof_received()
+            proto.connection_lost(None)
+        else:
+            proto.connection_lost(ConnectionResetError())
+        wire.closing = True
+        await _settle(proto)
+    rest = bytes(proto._reader._buffer)
+    return bytes(wire.out), notes.lines, notes.seen, rest
+
+
+def _both(chunks: list[bytes], ending: str = "quit", **kwargs: Any) -> tuple[Any, ...]:
+    async def run() -> tuple[Any, ...]:
+        return (
+            await _session(SpoolSMTP, chunks, ending, **kwargs),
+            await _session(_LineByLine, chunks, ending, **kwargs),
+        )
+
+    ours, theirs = asyncio.run(run())
+    assert ours == theirs
+    return ours  # type: ignore[no-any-return]
+
+
+_HEAD = b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "content"),
+    [
+        ([b"a\r\n", b".\r\nQUIT\r\n"], b"a\r\n"),  # the body ends exactly where a read ends
+        ([b"a\r\n.", b"\r\nQUIT\r\n"], b"a\r\n"),
+        ([b"a\r\n.\r", b"\nQUIT\r\n"], b"a\r\n"),
+        ([b"a\r", b"\n.\r\nQUIT\r\n"], b"a\r\n"),
+        ([b".", b"\r\nQUIT\r\n"], b""),  # an empty body, its end line split
+        ([b".\r\nQUIT\r\n"], b""),
+        ([b"..", b"x\r\n.", b".y\r\n.", b".\r\n", b".\r\nQUIT\r\n"], b".x\r\n.y\r\n.\r\n"),
+        # the smuggling sequences: content, with one dot taken off the line ".\n\r\n"
+        (
+            [b"a\n.\n", b"b\r.\r", b"x\n.\r\n", b"c\r\n.\n", b"\r\n.\r\nQUIT\r\n"],
+            b"a\n.\nb\r.\rx\n.\r\nc\r\n\n\r\n",
+        ),
+        ([b"a\r\n.\r\nMAIL FROM:<c@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nb\r\n.\r\nQUIT\r\n"], b"a\r\n"),
+    ],
+)
+def test_bulk_reader_at_read_boundaries(chunks: list[bytes], content: bytes) -> None:
+    transcript, _, seen, rest = _both([_HEAD, *chunks])
+    assert seen[0][3] == content
+    assert transcript.endswith(b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n") and rest == b""
+
+
+@pytest.mark.parametrize(
+    ("chunks", "reply"),
+    [
+        ([b"x" * 30 + b"\r\n.\r\nQUIT\r\n"], b"500 5.5.2"),  # longer than the stream limit
+        ([b"x" * 11, b"x" * 11, b"x" * 11, b"\r\n.\r\nQUIT\r\n"], b"500 5.5.2"),
+        ([b"x" * 21 + b"\r\n.\r\nQUIT\r\n"], b"500 5.5.2"),  # only aiosmtpd's second check sees it
+        ([b"x" * 20 + b"\r\n.\r\nQUIT\r\n"], b"250 2.0.0"),
+        ([(b"y" * 18 + b"\r\n") * 10, b".\r\nQUIT\r\n"], b"552 5.3.4"),
+        ([(b"y" * 18 + b"\r\n") * 5 + b"y" * 21 + b"\r\n.\r\nQUIT\r\n"], b"552 5.3.4"),  # size first
+        ([(b"y" * 18 + b"\r\n") * 5 + b"y" * 23 + b"\r\n.\r\nQUIT\r\n"], b"500 5.5.2"),  # length first
+        ([b"x" * 40, b"\r\n.\r\n" + b"x" * 40, b"\r", b"\n.", b"\r\nQUIT\r\n"], b"500 5.5.2"),
+        ([b"x" * 40 + b"\r", b"\n.\r\nQUIT\r\n"], b"500 5.5.2"),  # the CRLF of an overlong line split
+        ([b"x" * 40 + b".", b"\r\nRSET\r\n.\r\nQUIT\r\n"], b"500 5.5.2"),  # ".\r\n" ending a line
+        # a line of exactly the stream limit, its CRLF split, the size limit crossed on it: size first
+        ([(b"y" * 18 + b"\r\n") * 5 + b"x" * 22 + b"\r", b"\n.\r\nQUIT\r\n"], b"552 5.3.4"),
+        ([(b"y" * 18 + b"\r\n") * 5 + b"x" * 23 + b"\r\n.\r\nQUIT\r\n"], b"500 5.5.2"),
+        ([(b"y" * 18 + b"\r\n") * 3, (b"y" * 18 + b"\r\n") * 3, b".\r\nQUIT\r\n"], b"250 2.0.0"),  # 120 bytes
+        (
+            [(b"y" * 18 + b"\r\n") * 3, (b"y" * 18 + b"\r\n") * 2, b"y" * 19 + b"\r\n.\r\nQUIT\r\n"],
+            b"552 5.3.4",
+        ),
+    ],
+)
+def test_bulk_reader_refusals(chunks: list[bytes], reply: bytes) -> None:
+    transcript, log_lines, seen, _ = _both([_HEAD, *chunks], max_line_length=20, data_size_limit=120)
+    _, after_354 = transcript.split(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert after_354.startswith(reply) and after_354.endswith(b"\r\n221 2.0.0 Bye\r\n"), after_354
+    assert (seen == []) == (reply != b"250 2.0.0")
+
+
+def test_bulk_reader_when_the_connection_goes() -> None:
+    for ending in ("eof", "lost"):
+        transcript, _, seen, _ = _both([_HEAD, b"half a body\r\n.", b"\r"], ending)
+        assert transcript.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n") and seen == []
+
+
+def test_other_aiosmtpd_versions_keep_its_data_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(smtp: Any) -> Any:
+        raise AssertionError("the bulk reader was used")
+
+    monkeypatch.setattr(protocol_module, "BULK_DATA", False)
+    monkeypatch.setattr(bulk_data, "read_body", refuse)
+    _, _, seen, _ = _both([_HEAD, b"a\r\n..b\r\n.\r\nQUIT\r\n"])
+    assert seen[0][3] == b"a\r\n.b\r\n"
+
+
+_BODY_BITS = st.sampled_from(
+    [
+        b"a",
+        b".",
+        b"..",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\r\n.",
+        b".\r\n",
+        b"\r\n..\r\n",
+        b"\n.\n",
+        b"\r.\r",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\xc3\xa9\xff",
+        b"QUIT\r\n",
+        b"\r\n.\r\nRSET\r\nMAIL FROM:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n",
+    ]
+) | st.integers(1, 24).map(lambda n: b"x" * n)
+
+
+@settings(max_examples=800, deadline=None, derandomize=True)
+@given(
+    bits=st.lists(_BODY_BITS, max_size=40),
+    cuts=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    aligned=st.booleans(),
+    ending=st.sampled_from(["quit", "quit", "eof", "lost"]),
+    max_line_length=st.integers(15, 30),  # the commands must fit
+    size=st.sampled_from([None, 0]) | st.integers(-30, 30),
+    decode_data=st.booleans(),
+    utf8=st.booleans(),
+)
+def test_bulk_reader_agrees_with_aiosmtpd(
+    bits: list[bytes],
+    cuts: list[int],
+    aligned: bool,
+    ending: str,
+    max_line_length: int,
+    size: int | None,
+    decode_data: bool,
+    utf8: bool,
+) -> None:
+    """Replies, log, what the handler got and what is left unread: as aiosmtpd's line-by-line reader."""
+    head = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n"
+    tail = [b"\r\n.\r\nQUIT\r\n"] if ending == "quit" else []
+    if aligned:  # reads end between the bits (a CR apart from its LF, a dot apart from its line...)
+        chunks = [head]
+        for i, bit in enumerate([*bits, *tail]):
+            if cuts[i % len(cuts)] < 20:
+                chunks.append(b"")
+            chunks[-1] += bit
+    else:  # reads of these sizes, wherever they fall
+        stream = b"".join([head, *bits, *tail])
+        chunks, at = [], 0
+        while at < len(stream):
+            size = cuts[len(chunks) % len(cuts)]
+            chunks.append(stream[at : at + size])
+            at += size
+    _both(
+        chunks,
+        ending,
+        max_line_length=max_line_length,
+        # mostly about as long as the body, to cross the limit on its last lines
+        data_size_limit=size if not size else max(1, len(b"".join(bits)) + size),
+        decode_data=decode_data,
+        enable_SMTPUTF8=utf8,
+    )

@@ -7,8 +7,9 @@ replies aiosmtpd words itself (size and line-length refusals), and a 421
 before a timeout disconnect. Policy stays in the handler.
 
 aiosmtpd's per-connection introspection and its address parser are
-bypassed where that cannot change a reply (spoolfs.smtp.fastpath), and the
-lines of a multi-line reply go out in one write.
+bypassed where that cannot change a reply (spoolfs.smtp.fastpath), the
+message body is read in bulk rather than a line at a time
+(spoolfs.smtp.data), and the lines of a multi-line reply go out in one write.
 
 Failure rules: a client over its connection limit gets `421 4.7.0` and is
 disconnected before the greeting; nothing is logged as an event.
@@ -25,6 +26,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, log
 
 from spoolfs.protolog import ProtocolLog
+from spoolfs.smtp.data import BULK_DATA, smtp_data
 from spoolfs.smtp.fastpath import INIT_MATCHES, fast_getaddr, init_smtp
 
 # aiosmtpd's own wording -> ours, with enhanced status codes.
@@ -120,6 +122,12 @@ class SpoolSMTP(SMTP):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r << %r", self.session.peer if self.session else None, response)
         await self._writer.drain()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if BULK_DATA:
+            await smtp_data(self, arg)
+        else:
+            await super().smtp_DATA(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         found = fast_getaddr(arg) if arg else None
