@@ -23,8 +23,9 @@ Settings over Debian's defaults, nothing else:
 
 Helpers: queue counts by scanning the queue directories (cheaper than
 `postqueue -p`), release held mail (`postsuper -H ALL`), flush
-(`postqueue -f`), delete everything (`postsuper -d ALL`), the pids and RSS of
-the instance's processes.
+(`postqueue -f`), delete everything (`postsuper -d ALL`), the command lines
+of `postqueue -j` and `qshape` for this instance, the pids and RSS of the
+instance's processes.
 """
 
 from __future__ import annotations
@@ -294,6 +295,14 @@ class Postfix:
 
     def delete_all(self) -> None:
         _run(["postsuper", "-c", str(self.config), "-d", "ALL"])
+
+    def postqueue_json_args(self) -> list[str]:
+        """`postqueue -c DIR -j`: the queue as JSON, one line a message (reads every queue file)."""
+        return ["postqueue", "-c", str(self.config), "-j"]
+
+    def qshape_args(self, *queues: str) -> list[str]:
+        """`qshape -c DIR QUEUE...`: recipient domains by age, like `spool summary`."""
+        return ["qshape", "-c", str(self.config), *queues]
 
     def sent(self) -> int:
         """Deliveries the maillog reports as `status=sent`."""

@@ -6,6 +6,9 @@ longer among those given makes the projections start again from nothing.
 Each catch-up is one transaction: the new records, the state they produce
 and the new watermarks are committed together, or not at all (a crash or a
 SIGKILL mid-way leaves the previous state; the next catch-up redoes it).
+A small catch-up (under SMALL_CATCH_UP bytes of log) runs on one DuckDB
+thread and folds record by record (`projections.small`); a larger one, and
+every rebuild, folds set-based (`projections.reduce`). Both give the same rows.
 
 Failure rules: a writer that cannot get the lock within `wait` seconds, or a
 reader that cannot open the file, raises ProjectionBusy; a gap or a broken
@@ -31,6 +34,7 @@ import duckdb
 
 from events import clock
 from projections import schema
+from projections import small as small_fold
 from projections.derived import SCRATCH_PREFIX, open_writable, remove_scratch
 from projections.errors import ProjectionError, from_duckdb, from_os
 from projections.load import load
@@ -40,6 +44,9 @@ from projections.sources import Chunk, Watermark, expand, head_seq, plan
 from projections.store import DB_NAME, WriterLock, close_quietly, connect, remove
 
 Progress = Callable[[int], None] | None
+# bytes of log: below this, a catch-up runs on one thread and folds record by record
+# (projections.small); above it, planning the set-based fold (projections.reduce) pays off
+SMALL_CATCH_UP = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class Projections:
         self._con: duckdb.DuckDBPyConnection | None = con
         self._lock = lock
         self._rebuilt = rebuilt
+        self._reference_fold = False  # rebuild: always the set-based fold of projections.reduce
 
     # --- opening and closing ----------------------------------------------------
 
@@ -169,7 +177,7 @@ class Projections:
             now_marks = {path: mark for path, (_, mark) in marks.items()}
             if not planned:
                 return CatchUpResult(0, 0, time.perf_counter() - started, _sorted(now_marks), rebuilt)
-            count = self._apply(con, planned, progress)
+            count = self._apply(con, planned, progress, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         for _, c in planned:
@@ -186,7 +194,11 @@ class Projections:
         """Start again from nothing and read every log from its first record."""
         self._writer()
         self._reset()
-        result = self.catch_up(progress)
+        self._reference_fold = True
+        try:
+            result = self.catch_up(progress)
+        finally:
+            self._reference_fold = False
         return CatchUpResult(result.events, result.bytes, result.seconds, result.watermarks, "asked for")
 
     def _apply(
@@ -194,32 +206,41 @@ class Projections:
         con: duckdb.DuckDBPyConnection,
         planned: list[tuple[int, Chunk]],
         progress: Progress,
+        scratch: Path,
     ) -> int:
         last: dict[int, Chunk] = {}
         for log_id, chunk in planned:
             last[log_id] = chunk
+        small = sum(c.end - c.start for _, c in planned) < SMALL_CATCH_UP
         try:
             # rows may land in any order (seq says the order): lets DuckDB load and
-            # write in parallel, straight to disk, with nothing left for the checkpoint
-            con.execute("SET preserve_insertion_order = false")
-            con.execute("BEGIN TRANSACTION")
+            # write in parallel, straight to disk, with nothing left for the checkpoint;
+            # a small catch-up is quicker on one thread (no hand-offs between workers)
+            con.execute(
+                "SET preserve_insertion_order = false; "
+                + ("SET threads = 1; " if small else "")
+                + "BEGIN TRANSACTION"
+            )
             try:
                 count = load(con, planned, progress)
-                fold(con)
+                records = None if self._reference_fold or not small else small_fold.prepare(con)
+                if records is None:
+                    fold(con)
+                else:
+                    small_fold.fold(con, *records, scratch)
                 for log_id, c in last.items():
                     con.execute("DELETE FROM logs WHERE log_id = ?", [log_id])
                     con.execute(
                         "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [log_id, c.log, c.last_node, c.last_seq, c.segment, c.end, c.last_hash],
                     )
-                con.execute("COMMIT")
+                con.execute("COMMIT; RESET preserve_insertion_order" + ("; RESET threads" if small else ""))
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
-                raise
-            finally:
                 with contextlib.suppress(duckdb.Error):
-                    con.execute("RESET preserve_insertion_order")
+                    con.execute("RESET preserve_insertion_order" + ("; RESET threads" if small else ""))
+                raise
         except duckdb.Error as exc:
             raise from_duckdb(exc, "cannot update projections") from exc
         return count

@@ -61,6 +61,12 @@ STATE_COLUMNS = (
     "session_id, bounce_of, warned, unscanned, seq"
 )
 
+# the new delivery attempts, typed
+ATTEMPTS = f"""
+INSERT INTO attempt_log (log_id, node, seq, attempted_at, actor, id, recipient, result, code, response, host)
+SELECT {ATTEMPT} FROM batch WHERE {field("type")} = 'delivery_attempted' AND {field("id")} IS NOT NULL
+"""
+
 STEPS = [
     # the new records of messages, with the few fields the fold needs
     f"""
@@ -77,12 +83,7 @@ STEPS = [
       AND (type IN {CHANGE} OR type IN {LIFE})
       AND (type <> 'spool_repaired' OR action = 'forgotten')
     """,
-    # the new delivery attempts, typed
-    f"""
-    INSERT INTO attempt_log
-        (log_id, node, seq, attempted_at, actor, id, recipient, result, code, response, host)
-    SELECT {ATTEMPT} FROM batch WHERE {field("type")} = 'delivery_attempted' AND {field("id")} IS NOT NULL
-    """,
+    ATTEMPTS,
     # the last life record of each message
     f"""
     CREATE OR REPLACE TEMP TABLE life AS

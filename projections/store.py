@@ -80,7 +80,8 @@ def connect(path: Path, *, read_only: bool, wait: float) -> duckdb.DuckDBPyConne
                 raise ProjectionBusy(f"cannot {mode} {path}: another process has it open; try again") from exc
             time.sleep(POLL)
     try:
-        con.execute("SET TimeZone = 'UTC'")
+        # no progress bar from DuckDB: it would write to our stdout (`spool list --json`)
+        con.execute("SET TimeZone = 'UTC'; SET enable_progress_bar = false")
     except duckdb.Error as exc:
         con.close()
         raise from_duckdb(exc, f"cannot set up {path}") from exc

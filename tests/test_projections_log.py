@@ -123,6 +123,19 @@ def test_a_gap_inside_new_records_stops_catch_up(tmp_path: Path) -> None:
         assert count(p) == 0 and p.status().watermarks == []
 
 
+def test_a_repeated_seq_stops_catch_up_even_when_the_count_fits(tmp_path: Path) -> None:
+    lines = chain(2)
+    lines.append(line(lines[-1], 2, ev.MessageHeld(id="M1")))  # seq 2 again, in place of seq 3
+    lines.append(line(lines[-1], 4, ev.MessageHeld(id="M2")))  # 4 records, seq 1..4
+    write_log(tmp_path / "events", lines)
+    with Projections.open(tmp_path) as p:
+        with pytest.raises(LogBroken) as info:
+            p.catch_up()
+        assert_verify_error(info.value)
+        assert "more than once" in str(info.value)
+        assert count(p) == 0 and p.status().watermarks == []
+
+
 def test_a_broken_chain_at_the_watermark_stops_catch_up(tmp_path: Path) -> None:
     lines = chain(3)
     seg = write_log(tmp_path / "events", lines)
@@ -173,6 +186,25 @@ def test_a_record_that_does_not_parse_stops_catch_up(tmp_path: Path) -> None:
         with pytest.raises(SpoolError) as info:
             p.catch_up()
         assert_verify_error(info.value)
+        assert count(p) == 0
+
+
+def test_a_record_that_does_not_parse_is_named_by_its_segment(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    with EventLog(events, node="n1", segment_bytes=2000) as log:
+        for i in range(60):
+            log.append(ev.MessageHeld(id=f"M{i:02d}"), "t")
+    segments = sorted(events.glob("*.jsonl"))
+    assert len(segments) > 2
+    bad = segments[1]
+    data = bad.read_bytes().split(b"\n")
+    data[1] = data[1][:-2] + b"??"  # same length: the seqs and the chain stay as they were
+    bad.write_bytes(b"\n".join(data))
+    with Projections.open(tmp_path) as p:
+        with pytest.raises(LogBroken) as info:
+            p.catch_up()
+        assert_verify_error(info.value)
+        assert f"segment {bad.name} " in str(info.value) and "does not parse" in str(info.value)
         assert count(p) == 0
 
 
