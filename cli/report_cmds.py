@@ -24,7 +24,7 @@ from cli.context import errors_to_exit, fail, state
 from events import clock
 from events.errors import SpoolError
 from spoolfs.addresses import normalize_sender
-from spoolfs.claim import is_claimed
+from spoolfs.claim import claimed_in, is_claimed
 from spoolfs.layout import Layout
 
 if TYPE_CHECKING:
@@ -121,8 +121,12 @@ def list_(
         )
     config = state(ctx).config
     layout = Layout(config.data_path, config.subspools)
-    for row in rows:  # "delivering" is a live fact (a claim), not in the log
-        if row["status"] != "held" and is_claimed(layout.eml(str(row["id"]))):
+    # "delivering" is a live fact (a claim), not in the log
+    claimed = claimed_in(layout.spool / nn for nn in layout.subspool_names())
+    for row in rows:
+        if row["status"] != "held" and (
+            str(row["id"]) in claimed if claimed is not None else is_claimed(layout.eml(str(row["id"])))
+        ):
             row["status"] = "delivering"
     if json:
         for row in rows:

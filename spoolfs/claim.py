@@ -13,10 +13,11 @@ within `wait` seconds is MessageBusy ("being delivered").
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,3 +86,39 @@ def is_claimed(eml: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def claimed_in(directories: Iterable[Path]) -> set[str] | None:
+    """The IDs of the claimed messages among the .eml files of `directories`.
+
+    One read of /proc/locks and one listing per directory, instead of an
+    open and a lock attempt per message (a second for 100,000 messages).
+    A file whose inode holds an flock is then checked with `is_claimed`, so
+    an inode number shared with another file system costs a check, never a
+    wrong answer. None where /proc/locks cannot be read (not Linux): the
+    caller asks `is_claimed` for each message.
+    """
+    try:
+        with open("/proc/locks", "rb") as f:
+            table = f.read()
+    except OSError:
+        return None
+    inodes: set[int] = set()
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:123456 0 EOF"; waiters have "->" after the number
+        if len(fields) >= 6 and fields[1] == b"FLOCK" and fields[3] == b"WRITE":
+            with contextlib.suppress(ValueError, IndexError):
+                inodes.add(int(fields[5].rsplit(b":", 1)[1]))
+    found: set[str] = set()
+    if not inodes:
+        return found
+    for directory in directories:
+        try:
+            with os.scandir(directory) as entries:
+                for e in entries:
+                    if e.name.endswith(".eml") and e.inode() in inodes and is_claimed(Path(e.path)):
+                        found.add(e.name[:-4])
+        except FileNotFoundError:
+            continue
+    return found

@@ -262,6 +262,26 @@ def test_list_json_keys_and_values(data: Path, msg_file: Path) -> None:
     assert len(json_lines(ok(run(data, "list", "--json", "--limit", "2")).stdout)) == 2
 
 
+def test_list_shows_a_claimed_message_as_delivering(data: Path, msg_file: Path) -> None:
+    from spoolfs import claim
+
+    ids = [add(data, msg_file, f"s{i}@example.org", "a@x.org") for i in range(3)]
+    layout = Layout(data, 16)
+    with claim.claim(layout.eml(ids[1]), ids[1]), open(data / "unrelated", "w") as f:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX)  # a lock outside the spool must not count
+        rows = json_lines(ok(run(data, "list", "--json")).stdout)
+        assert claim.claimed_in(layout.spool / nn for nn in layout.subspool_names()) == {ids[1]}
+    assert {r["id"]: r["status"] for r in rows} == {
+        ids[0]: "waiting",
+        ids[1]: "delivering",
+        ids[2]: "waiting",
+    }
+    rows = json_lines(ok(run(data, "list", "--json")).stdout)
+    assert {r["status"] for r in rows} == {"waiting"}
+
+
 def test_list_table(data: Path, msg_file: Path) -> None:
     mid = add(data, msg_file, "")
     lines = ok(run(data, "list")).stdout.splitlines()
