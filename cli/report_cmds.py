@@ -129,8 +129,7 @@ def list_(
         ):
             row["status"] = "delivering"
     if json:
-        for row in rows:
-            output.json_line(row)
+        output.json_lines(rows)
         return
     if as_csv:
         writer = csv.writer(sys.stdout)
