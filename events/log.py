@@ -18,7 +18,6 @@ Failure rules:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import errno
 import fcntl
@@ -165,6 +164,8 @@ class EventLog:
         return self.submit(events, actor).result()
 
     async def append_async(self, event: Event, actor: str) -> Record:
+        import asyncio  # here: importing asyncio costs every CLI command 30 ms
+
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
