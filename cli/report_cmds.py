@@ -32,6 +32,15 @@ if TYPE_CHECKING:
     # that read the projections pay for it (not `spool serve`, not `spool force`).
     from projections import Projections
 
+
+def _claimed(layout: Layout) -> set[str]:
+    claimed = claimed_in(layout.spool / nn for nn in layout.subspool_names())
+    if claimed is not None:
+        return claimed
+    ids = (p.stem for nn in layout.subspool_names() for p in (layout.spool / nn).glob("*.eml"))
+    return {mid for mid in ids if is_claimed(layout.eml(mid))}
+
+
 projections_app = typer.Typer(
     help="The DuckDB projections of the log: rebuild, status.", no_args_is_help=True
 )
@@ -108,29 +117,24 @@ def list_(
     if sort not in SORTS:
         raise fail(f"--sort must be one of {', '.join(SORTS)}")
     now = clock.now()
-    with opened(ctx, events) as proj:
-        rows = proj.list_spool(
-            waiting=waiting,
-            held=held,
-            sender=normalize_sender(sender) if sender is not None else None,
-            domain=domain.lower() if domain else None,
-            older_than=parse_duration(older_than) if older_than else None,
-            sort=sort,  # type: ignore[arg-type]
-            limit=limit,
-            now=now,
-        )
     config = state(ctx).config
-    layout = Layout(config.data_path, config.subspools)
-    # "delivering" is a live fact (a claim), not in the log
-    claimed = claimed_in(layout.spool / nn for nn in layout.subspool_names())
-    for row in rows:
-        if row["status"] != "held" and (
-            str(row["id"]) in claimed if claimed is not None else is_claimed(layout.eml(str(row["id"])))
-        ):
-            row["status"] = "delivering"
-    if json:
-        output.json_lines(rows)
-        return
+    query = {
+        "waiting": waiting,
+        "held": held,
+        "sender": normalize_sender(sender) if sender is not None else None,
+        "domain": domain.lower() if domain else None,
+        "older_than": parse_duration(older_than) if older_than else None,
+        "sort": sort,
+        "limit": limit,
+        "now": now,
+    }
+    with opened(ctx, events) as proj:
+        # "delivering" is a live fact (a claim), not in the log
+        claimed = _claimed(Layout(config.data_path, config.subspools))
+        if json:  # JSON Lines made by DuckDB, written as they come
+            sys.stdout.write(proj.list_spool_lines(**query, claimed=claimed))  # type: ignore[arg-type]
+            return
+        rows = proj.list_spool(**query, claimed=claimed)  # type: ignore[arg-type]
     if as_csv:
         writer = csv.writer(sys.stdout)
         if rows:

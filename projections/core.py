@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,8 +286,46 @@ class Projections:
         sort: Sort = "id",
         limit: int = 0,
         now: dt.datetime | None = None,
+        claimed: Collection[str] = (),
     ) -> list[dict[str, object]]:
-        """The messages in the spool, as `spool list --json` rows (oldest first by default)."""
+        """The messages in the spool, as `spool list --json` rows (oldest first by default).
+
+        `claimed`: the IDs being delivered now (their status reads "delivering")."""
+        rows = self._list(False, waiting, held, sender, domain, older_than, sort, limit, now, claimed)
+        assert isinstance(rows, list)
+        return rows
+
+    def list_spool_lines(
+        self,
+        *,
+        waiting: bool = False,
+        held: bool = False,
+        sender: str | None = None,
+        domain: str | None = None,
+        older_than: float | None = None,
+        sort: Sort = "id",
+        limit: int = 0,
+        now: dt.datetime | None = None,
+        claimed: Collection[str] = (),
+    ) -> str:
+        """The same rows as `list_spool`, as JSON Lines text made by DuckDB (one line a row)."""
+        text = self._list(True, waiting, held, sender, domain, older_than, sort, limit, now, claimed)
+        assert isinstance(text, str)
+        return text
+
+    def _list(
+        self,
+        lines: bool,
+        waiting: bool,
+        held: bool,
+        sender: str | None,
+        domain: str | None,
+        older_than: float | None,
+        sort: Sort,
+        limit: int,
+        now: dt.datetime | None,
+        claimed: Collection[str],
+    ) -> list[dict[str, object]] | str:
         when = clock.utc(now) if now is not None else clock.now()
         con = self._reader(when)
         return _guard(
@@ -301,6 +339,8 @@ class Projections:
                 sort=sort,
                 limit=limit,
                 now=when,
+                claimed=claimed,
+                lines=lines,
             ),
             "cannot list the spool",
         )

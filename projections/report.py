@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -72,6 +72,22 @@ ROW_JSON = (
     )
     + "})::VARCHAR"
 )
+# `spool list --json` lines exactly as msgspec writes them (RFC 3339, "Z", no
+# fraction when the microseconds are 0)
+LINE_JSON = (
+    "to_json({"
+    + ", ".join(
+        (
+            f"'{c}': CASE WHEN epoch_us({c}) % 1000000 = 0 "
+            f"THEN strftime({c}::TIMESTAMP, '%Y-%m-%dT%H:%M:%SZ') "
+            f"ELSE strftime({c}::TIMESTAMP, '%Y-%m-%dT%H:%M:%S.%fZ') END"
+        )
+        if c in TIMES
+        else f"'{c}': {c}"
+        for c in LIST_COLUMNS
+    )
+    + "})::VARCHAR"
+)
 _list_rows = msgspec.json.Decoder(list[ListRow])
 SHAPES = {"domain": ("spool_shape", "domain"), "sender": ("sender_shape", "sender_domain")}
 _EXPLAIN = re.compile(r"^\s*explain\s+(analy[sz]e\s+)?", re.IGNORECASE)
@@ -119,7 +135,14 @@ def list_spool(
     sort: str,
     limit: int,
     now: dt.datetime,
-) -> list[dict[str, object]]:
+    claimed: Collection[str] = (),
+    lines: bool = False,
+) -> list[dict[str, object]] | str:
+    """The rows (dicts), or with `lines` the JSON Lines text of them.
+
+    `claimed`: IDs being delivered right now (a claim is a live fact, not in
+    the log); unless held, their status reads "delivering".
+    """
     if sort not in ORDER:
         raise ProjectionError(f"sort must be one of {', '.join(ORDER)}, not {sort!r}")
     if limit < 0:
@@ -141,12 +164,21 @@ def list_spool(
         params.append(now - dt.timedelta(seconds=older_than))
     # DuckDB writes the rows as one JSON array and msgspec makes the dicts: far cheaper
     # than a Python object per value (times: naive UTC text + "Z", read back zone-aware)
-    inner = "SELECT * FROM spool"
+    inner = (
+        "SELECT * REPLACE (CASE WHEN status <> 'held' AND list_contains(?::VARCHAR[], id) "
+        "THEN 'delivering' ELSE status END AS status) FROM spool"
+    )
+    params.insert(0, sorted(claimed))
     if where:
         inner += " WHERE " + " AND ".join(where)
     if limit:
         inner += f" ORDER BY {ORDER[sort]} LIMIT ?"
         params.append(limit)
+    if lines:
+        # straight from DuckDB: no Python object per row at all
+        sql = f"SELECT string_agg({LINE_JSON} || chr(10), '' ORDER BY {ORDER[sort]}) FROM ({inner})"
+        row = con.execute(sql, params).fetchone()
+        return str(row[0]) if row and row[0] is not None else ""
     sql = f"SELECT '[' || coalesce(string_agg({ROW_JSON}, ',' ORDER BY {ORDER[sort]}), '') || ']' FROM ({inner})"
     row = con.execute(sql, params).fetchone()
     return _list_rows.decode(row[0] if row else "[]")  # type: ignore[return-value]
