@@ -18,11 +18,6 @@ def json_line(obj: object) -> None:
     sys.stdout.buffer.write(_encoder.encode(obj) + b"\n")
 
 
-def json_lines(objs: Iterable[object]) -> None:
-    """Many JSON Lines in one write (a 100,000-row listing in one go)."""
-    sys.stdout.buffer.write(_encoder.encode_lines(objs))
-
-
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int] = frozenset()) -> None:  # type: ignore[assignment]
     rows = [list(r) for r in rows]
     widths = [len(h) for h in headers]
