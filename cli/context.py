@@ -5,8 +5,6 @@ stderr and its exit code (1, or 2 for configuration); no traceback. An
 OSError that escaped translation is reported the same way, never as a trace.
 """
 
-from __future__ import annotations
-
 import functools
 import sys
 from collections.abc import Callable, Iterator

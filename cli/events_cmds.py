@@ -1,7 +1,5 @@
 """`spool events ...`: read, verify and replay the log."""
 
-from __future__ import annotations
-
 import sys
 import time
 from typing import Annotated

@@ -1,7 +1,5 @@
 """The `spool` command: the spool's verbs at the top, other nouns as sub-apps."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

@@ -1,7 +1,5 @@
 """Printing: tables for people, JSON Lines for scripts."""
 
-from __future__ import annotations
-
 import datetime as dt
 import sys
 from collections.abc import Iterable, Sequence

@@ -1,8 +1,6 @@
 """`spool quarantine ...`: list, read, resend (spam only), delete and purge
 the messages the scanners kept. Reads the quarantine sidecars directly."""
 
-from __future__ import annotations
-
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager

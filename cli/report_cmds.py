@@ -6,8 +6,6 @@ progress bar when that is long), unless another process is doing it right
 now: then it reads what is there (read-only) rather than wait.
 """
 
-from __future__ import annotations
-
 import csv
 import datetime as dt
 import re
@@ -70,7 +68,7 @@ def _log_bytes(dirs: list[Path]) -> int:
 @contextmanager
 def opened(
     ctx: typer.Context, events: list[str] | None = None, *, rebuild: bool = False
-) -> Iterator[Projections]:
+) -> "Iterator[Projections]":
     """The projections, caught up with the log (or read as they are if another process is updating)."""
     from projections import ProjectionBusy, Projections
 

@@ -1,7 +1,5 @@
 """`spool serve`, `spool services ...` and `spool users ...`."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

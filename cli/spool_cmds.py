@@ -1,8 +1,6 @@
 """The spool's own verbs: enqueue, show, message, recipients, and the
 admin operations (force, reset-retries, priority, hold, release, delete)."""
 
-from __future__ import annotations
-
 import sys
 from collections.abc import Callable
 from pathlib import Path
