@@ -346,3 +346,44 @@ def test_delivery_processes_share_the_spool_by_subspool(relay: Any) -> None:
     assert all(mine)  # both shards have work (30+30 messages over 16 subspools)
     for k, ids in enumerate(mine):
         assert {spool.layout.subspool_index(m) % 2 for m in ids} == {k}
+
+
+def test_start_up_finds_an_enqueue_still_moving_its_files(relay: Any) -> None:
+    """Events below the start seq are not followed: a message whose sidecar was not yet
+    there when the worker looked must still be scheduled (the body is in tmp/ or alone
+    in its subspool)."""
+    import os
+
+    from events import schema as ev
+    from spoolfs import durable
+    from spoolfs.ids import new_id
+
+    config, spool, _ = relay
+    in_tmp, alone = new_id(), new_id()
+    fds = []
+    for mid in (in_tmp, alone):
+        fds.append(durable.create_claimed(spool.layout.tmp_eml(mid), BODY))
+        spool.log.append(
+            ev.MessageEnqueued(
+                id=mid,
+                sender="a@sender.test",
+                recipients=["x@remote.test"],
+                size=len(BODY),
+                subspool=spool.layout.subspool_of(mid),
+            ),
+            "smtp",
+        )
+    os.rename(spool.layout.tmp_eml(alone), spool.layout.eml(alone))  # renamed, sidecar not yet written
+    try:
+        service = DeliveryService(config, spool)
+        service.load()
+        assert {in_tmp, alone} <= set(service.schedule.entries)
+        # a shard sees only its own
+        shards = [DeliveryService(config, spool, shard=(k, 2)) for k in range(2)]
+        for s in shards:
+            s.load()
+        assert set(shards[0].schedule.entries) | set(shards[1].schedule.entries) == {in_tmp, alone}
+        assert set(shards[0].schedule.entries).isdisjoint(shards[1].schedule.entries)
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -27,8 +27,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import time
 from collections.abc import Awaitable
 from functools import partial
+from pathlib import Path
 
 from events import clock, head_seq
 from events import schema as ev
@@ -49,6 +51,14 @@ from spoolfs.users import Users
 POLL = 0.2
 BUSY_RETRY = 5.0
 STORE_RETRY = 0.5
+STORE_GIVE_UP = 60.0  # seconds a body may wait for its enqueue to finish
+
+
+def _ids(directory: Path, suffix: str) -> set[str]:
+    try:
+        return {name[: -len(suffix)] for name in os.listdir(directory) if name.endswith(suffix)}
+    except FileNotFoundError:
+        return set()
 
 
 def _read_all(fd: int, mid: str) -> bytes:
@@ -95,14 +105,25 @@ class DeliveryService:
 
     def load(self) -> int:
         """Schedule every message in the spool; return the seq to follow from."""
-        start = head_seq(self.spool.layout.events) + 1
+        lay = self.spool.layout
+        start = head_seq(lay.events) + 1
         k, n = self.shard
-        names = self.spool.layout.subspool_names()
-        for s in self.spool.sidecars(subspools=[nn for i, nn in enumerate(names) if i % n == k]):
+        mine = [nn for i, nn in enumerate(lay.subspool_names()) if i % n == k]
+        # An enqueue whose event is below `start` may still be moving its files
+        # (body in tmp/, then body in its subspool, then the sidecar) while we
+        # look. Looking at tmp/ first and then at each subspool finds it in one
+        # place or the other; attempt() waits for it to finish.
+        moving = {m for m in _ids(lay.tmp, ".eml") if self.mine(m)}
+        for nn in mine:
+            moving |= _ids(lay.spool / nn, ".eml") - _ids(lay.spool / nn, ".json")
+        for s in self.spool.sidecars(subspools=mine):
             if s.status != "held":
                 self.schedule.upsert(
                     s.id, priority=RANK[s.priority], next_at=s.next_attempt_at.timestamp(), forced=s.forced
                 )
+        now = clock.now().timestamp()
+        for mid in moving - set(self.schedule.entries):
+            self.schedule.upsert(mid, next_at=now)
         return start
 
     def follow(self, cursor: Cursor) -> Cursor:
@@ -170,8 +191,9 @@ class DeliveryService:
         except MessageNotFound:
             # The enqueue event is followed before the body reaches its
             # subspool: an enqueue still in progress is tried again shortly.
-            lay = self.spool.layout
-            if lay.tmp_eml(mid).exists() or lay.eml(mid).exists():
+            # A body that has waited a minute is the debris of a killed
+            # enqueue, for the recovery fsck at the next start.
+            if self._being_stored(mid):
                 self.schedule.upsert(mid, next_at=clock.now().timestamp() + STORE_RETRY)
         except CorruptSidecar:
             return  # moved aside, with its own event
@@ -208,6 +230,15 @@ class DeliveryService:
         finally:
             if held:
                 claim.release(fd)
+
+    def _being_stored(self, mid: str) -> bool:
+        lay = self.spool.layout
+        for body in (lay.tmp_eml(mid), lay.eml(mid)):
+            try:
+                return time.time() - body.stat().st_mtime < STORE_GIVE_UP
+            except FileNotFoundError:
+                continue
+        return False
 
     def _take(self, mid: str) -> tuple[int, Sidecar, bytes | None]:
         """The claim, the sidecar and, if it is due, the body: one trip to a thread."""
