@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,3 +167,55 @@ def test_a_reader_gets_in_once_the_writer_is_gone(tmp_path: Path) -> None:
     with Projections.open(tmp_path, read_only=True, wait=10) as p:
         assert len(p.list_spool()) == 15
     proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("fold", ["small", "set-based"])
+@pytest.mark.parametrize("kill_at", [0.02, 0.08, 0.2])
+def test_a_catch_up_killed_midway_is_finished_by_the_next_command(
+    tmp_path: Path, clean: tuple[Path, dict[str, Any]], fold: str, kill_at: float
+) -> None:
+    """The log grows while the projections lag; a catch-up is killed at some moment;
+    the next catch-up ends where a clean rebuild of the whole log ends."""
+    source, expected = clean
+    segments = sorted((source / "events").glob("*.jsonl"))
+    assert len(segments) > 4
+    data = tmp_path / "data"
+    (data / "events").mkdir(parents=True)
+    for seg in segments[:2]:  # the log as it was when the projections last caught up
+        shutil.copy(seg, data / "events" / seg.name)
+    with Projections.open(data) as p:
+        p.catch_up()
+    for seg in segments[2:]:  # what the daemon appended since
+        shutil.copy(seg, data / "events" / seg.name)
+    threshold = "projections.core.SMALL_CATCH_UP = 1" if fold == "set-based" else ""
+    proc = child(
+        f"""
+        import time
+        import projections.core
+        {threshold}
+        from projections import Projections
+        with Projections.open({str(data)!r}) as p:
+            print("start", flush=True)
+            p.catch_up()
+            print("done", flush=True)
+            time.sleep(60)
+        """
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "start"
+        time.sleep(kill_at)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    if kill_at == 0.02:  # the earliest kill lands inside the catch-up, not after it
+        assert "done" not in proc.stdout.read()
+    with Projections.open(data) as p:
+        p.catch_up()
+        got = dump(p)
+
+    def where_not(tables: dict[str, Any]) -> dict[str, Any]:
+        # the logs table names the log's directory: a copy here, the original there
+        return {**tables, "logs": [row[:1] + row[2:] for row in tables["logs"]]}
+
+    assert where_not(got) == where_not(expected)
