@@ -136,6 +136,10 @@ class Supervisor:
                 s.proc.wait()
 
     def _reap(self) -> None:
+        if self.stopping:
+            # a SIGTERM or Ctrl-C to the whole process group stops the workers
+            # too: what exits now is leaving, not crashing
+            return
         for s in self.slots:
             if s.proc is None or s.proc.poll() is None:
                 continue
