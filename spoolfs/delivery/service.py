@@ -54,11 +54,15 @@ STORE_RETRY = 0.5
 STORE_GIVE_UP = 60.0  # seconds a body may wait for its enqueue to finish
 
 
-def _ids(directory: Path, suffix: str) -> set[str]:
+def _ids(names: list[str], suffix: str) -> set[str]:
+    return {name[: -len(suffix)] for name in names if name.endswith(suffix)}
+
+
+def _listing(directory: Path) -> list[str]:
     try:
-        return {name[: -len(suffix)] for name in os.listdir(directory) if name.endswith(suffix)}
+        return os.listdir(directory)
     except FileNotFoundError:
-        return set()
+        return []
 
 
 def _read_all(fd: int, mid: str) -> bytes:
@@ -113,9 +117,10 @@ class DeliveryService:
         # (body in tmp/, then body in its subspool, then the sidecar) while we
         # look. Looking at tmp/ first and then at each subspool finds it in one
         # place or the other; attempt() waits for it to finish.
-        moving = {m for m in _ids(lay.tmp, ".eml") if self.mine(m)}
+        moving = {m for m in _ids(_listing(lay.tmp), ".eml") if self.mine(m)}
         for nn in mine:
-            moving |= _ids(lay.spool / nn, ".eml") - _ids(lay.spool / nn, ".json")
+            names = _listing(lay.spool / nn)  # one listing: both names at one moment
+            moving |= _ids(names, ".eml") - _ids(names, ".json")
         for s in self.spool.sidecars(subspools=mine):
             if s.status != "held":
                 self.schedule.upsert(
