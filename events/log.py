@@ -87,9 +87,6 @@ class Ticket:
             raise self._error
         return self._records
 
-    def done(self) -> bool:
-        return not self._done.locked()
-
     def _settle(self, records: list[Record], error: BaseException | None) -> None:
         self._records, self._error = records, error
         self._done.release()
