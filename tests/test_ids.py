@@ -110,3 +110,12 @@ def test_check_id_accepts_a_valid_id() -> None:
 def test_check_id_refuses_a_trailing_newline() -> None:
     with pytest.raises(InvalidId):
         check_id(new_id() + "\n")
+
+
+def test_ids_made_in_one_process_sort_in_the_order_they_were_made() -> None:
+    with freeze_time("2026-11-29 12:00:00"):  # all in one millisecond
+        same_ms = [new_id() for _ in range(1000)]
+    assert same_ms == sorted(same_ms) and len(set(same_ms)) == 1000
+    with freeze_time("2026-11-29 13:00:00"):  # a later millisecond: time leads, randomness again
+        later = new_id()
+    assert later[:10] > same_ms[-1][:10]
