@@ -6,14 +6,21 @@ Failure rules:
   (group commit): a committer thread takes everything pending at once.
 - Several processes may append. Each batch is written under an exclusive
   flock on `events/.lock`, after re-reading the tail from disk, so seq stays
-  gap-free and `prev` always names the line really before it.
+  gap-free and `prev` always names the line really before it. The lock is
+  released before the fdatasync, so one process writes while another
+  syncs; a sync of the segment covers every batch written to it before,
+  and a writer syncs the old segment before it starts a new one, so no
+  record is ever durable while one it chains on is not.
 - A torn tail (bytes after the last newline, or a last line that does not
   decode, as a crash mid-write leaves it) is cut off under the lock before
   the next write, kept in `SEGMENT.SEQ.torn`, and recorded by a
   `log_repaired` event. Nothing before it is touched.
-- If a write or fsync fails, the segment is truncated back to where the batch
-  began and every append in the batch fails: ENOSPC/EDQUOT as StorageFull,
-  anything else as LogError. No partial line is ever left behind by us.
+- If a write or fsync fails, every append in the batch fails: ENOSPC/EDQUOT
+  as StorageFull, anything else as LogError. A failed write is truncated
+  back to where the batch began, so no partial line is ever left behind by
+  us; so is a failed sync, unless another process has already written a
+  batch that chains on ours: then ours stays, unacknowledged, like a batch
+  written just before a crash.
 """
 
 from __future__ import annotations
@@ -246,33 +253,71 @@ class EventLog:
                     if not item.events:
                         recs.append(repair_record)
                         break
-            if lines:
-                self._write(tail, b"\n".join(lines) + b"\n", tail.seq + 1)
-                tail.seq, tail.hash = seq, prev
-            return out
+            if not lines:
+                return out
+            fd, start = self._write(tail, b"\n".join(lines) + b"\n", tail.seq + 1)
+            tail.seq, tail.hash = seq, prev
+            end = tail.size
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        # The sync runs outside the lock: another process writes its batch
+        # meanwhile, and its own fdatasync of the same file covers ours too.
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            self._cut_back(fd, start, end, seq)
+            raise translate_os_error(exc, "cannot append to event log") from exc
+        return out
 
-    def _write(self, tail: _Tail, data: bytes, first_seq: int) -> None:
+    def _write(self, tail: _Tail, data: bytes, first_seq: int) -> tuple[int, int]:
+        """Write a batch after the tail, under the lock: (fd to sync, where it began)."""
         if tail.size > 0 and tail.size + len(data) > self.segment_bytes:
+            # The batch before ours may still be syncing in another process; it
+            # must be durable before anything that chains on it in a new file.
+            old = self._open_segment(tail.path, create=False)
+            try:
+                os.fdatasync(old)
+            except OSError as exc:
+                raise translate_os_error(exc, f"cannot sync event log segment {tail.path.name}") from exc
             path = self.directory / segment_name(first_seq)
             self._open_segment(path, create=True)
             tail.path, tail.size = path, 0
         fd = self._open_segment(tail.path, create=True)
+        start = tail.size
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fdatasync(fd)
         except OSError as exc:
             try:
-                os.ftruncate(fd, tail.size)
+                os.ftruncate(fd, start)
                 os.fdatasync(fd)
             except OSError:
                 pass  # the torn-tail repair cleans it up on the next open
             raise translate_os_error(exc, "cannot append to event log") from exc
         tail.size += len(data)
+        return fd, start
+
+    def _cut_back(self, fd: int, start: int, end: int, last_seq: int) -> None:
+        """After a failed sync: cut our batch off, unless a later one chains on it.
+
+        A batch another process has written after ours (in this segment or a
+        new one) cannot be cut out from under it; ours then stays, never
+        acknowledged, as a batch written just before a crash would.
+        """
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            self._tail = None  # re-read from disk next time
+            if os.fstat(fd).st_size == end and not os.path.exists(
+                self.directory / segment_name(last_seq + 1)
+            ):
+                os.ftruncate(fd, start)
+                os.fdatasync(fd)
+        except OSError:
+            pass  # the torn-tail repair or `spool events verify` takes it from here
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _open_segment(self, path: Path, *, create: bool) -> int:
         if self._fd is not None and self._fd_path == path:

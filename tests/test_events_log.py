@@ -423,3 +423,125 @@ def test_failed_sync_fails_the_batch_and_leaves_no_partial_line(
     assert_chain(lines)
     assert [rec.payload for rec in read_records(log_dir)][-1] == MessageHeld(id="after")
     assert verify(log_dir).count == 4
+
+
+def test_failed_sync_keeps_a_batch_another_writer_chained_on(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock is free during the sync, so another writer may have built on our batch."""
+    first = EventLog(log_dir, node="a")
+    other = EventLog(log_dir, node="b")
+    try:
+        first.append(MessageHeld(id="ok"), actor="x")
+        real = os.fdatasync
+        state = {"failed": False, "other_appended_during_sync": False}
+
+        def fdatasync(fd: int) -> None:
+            if threading.current_thread() is first._thread and not state["failed"]:
+                state["failed"] = True
+                # while our batch syncs, the other writer appends (and syncs) after it
+                writer = threading.Thread(target=other.append, args=(MessageReleased(id="later"), "y"))
+                writer.start()
+                writer.join(5)
+                state["other_appended_during_sync"] = not writer.is_alive()
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(fd)
+
+        monkeypatch.setattr(events.log.os, "fdatasync", fdatasync)
+        with pytest.raises(LogError):
+            first.append(MessageHeld(id="unacknowledged"), actor="x")
+        assert state["failed"]
+        assert state["other_appended_during_sync"], "the other writer waited for our sync"
+        lines = disk_lines(log_dir)
+        assert_chain(lines)  # nothing cut out from under the later batch
+        payloads = [rec.payload for rec in read_records(log_dir)]
+        assert payloads == [
+            MessageHeld(id="ok"),
+            MessageHeld(id="unacknowledged"),
+            MessageReleased(id="later"),
+        ]
+        # the failed writer goes on after the other writer's record
+        assert first.append(MessageHeld(id="after"), actor="x").seq == 4
+        assert verify(log_dir).count == 4
+    finally:
+        first.close()
+        other.close()
+
+
+def test_other_writers_append_while_a_batch_syncs(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock covers the write, not the fdatasync: a slow sync does not stall other processes."""
+    slow = EventLog(log_dir, node="a")
+    other = EventLog(log_dir, node="b")
+    real = os.fdatasync
+    in_sync, release = threading.Event(), threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        if threading.current_thread() is slow._thread and not release.is_set():
+            in_sync.set()
+            release.wait(5)
+        real(fd)
+
+    monkeypatch.setattr(events.log.os, "fdatasync", fdatasync)
+    try:
+        ticket = slow.submit([MessageHeld(id="slow")], actor="x")
+        assert in_sync.wait(10)
+        # the other writer gets the lock, writes after the slow batch and returns
+        fast = other.submit([MessageReleased(id="fast")], actor="y")
+        assert fast.result(3)[0].seq == 2
+        release.set()
+        assert ticket.result(10)[0].seq == 1
+        assert_chain(disk_lines(log_dir))
+    finally:
+        release.set()
+        slow.close()
+        other.close()
+
+
+def test_a_new_segment_starts_only_after_the_old_one_is_synced(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch in the old segment may still be syncing in another process: whoever rolls syncs it first."""
+    slow = EventLog(log_dir, node="a", segment_bytes=600)
+    other = EventLog(log_dir, node="b", segment_bytes=600)
+    real_sync, real_write = os.fdatasync, os.write
+    in_sync, release = threading.Event(), threading.Event()
+    journal: list[tuple[str, str]] = []  # the other writer's syncs and writes, in order
+
+    def name(fd: int) -> str:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def fdatasync(fd: int) -> None:
+        if threading.current_thread() is slow._thread and not release.is_set():
+            in_sync.set()
+            release.wait(5)
+        elif threading.current_thread() is other._thread:
+            journal.append(("sync", name(fd)))
+        real_sync(fd)
+
+    def write(fd: int, data: bytes) -> int:
+        if threading.current_thread() is other._thread and name(fd).endswith(".jsonl"):
+            journal.append(("write", name(fd)))
+        return real_write(fd, data)
+
+    try:
+        slow.append_many([MessageHeld(id=f"m{i}") for i in range(2)], actor="x")
+        monkeypatch.setattr(events.log.os, "fdatasync", fdatasync)
+        monkeypatch.setattr(events.log.os, "write", write)
+        ticket = slow.submit([MessageHeld(id="fills-the-segment")], actor="x")
+        assert in_sync.wait(10)
+        old = segment_files(log_dir)[-1].name
+        other.append(MessageReleased(id="rolls"), actor="y")
+        release.set()
+        ticket.result(10)
+    finally:
+        release.set()
+        slow.close()
+        other.close()
+    monkeypatch.undo()
+    new = segment_files(log_dir)[-1].name
+    assert new != old, "the test needs the other writer to start a new segment"
+    assert ("write", new) in journal
+    assert ("sync", old) in journal[: journal.index(("write", new))], (
+        f"{new} was written before {old} was synced"
+    )
+    assert_chain(disk_lines(log_dir))
