@@ -2,7 +2,7 @@
 
 from events.errors import ChainBroken, ConfigError, LogError, SpoolError, StorageFull
 from events.log import EventLog
-from events.reader import follow, head_seq, last_records, read_records
+from events.reader import follow, head_seq, last_records, line_hash, read_records
 from events.schema import EVENT_TYPES, Event, Record
 from events.verify import VerifyResult, verify
 
@@ -20,6 +20,7 @@ __all__ = [
     "follow",
     "head_seq",
     "last_records",
+    "line_hash",
     "read_records",
     "verify",
 ]

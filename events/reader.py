@@ -8,6 +8,7 @@ segment and offset (run `spool events verify` to see why).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -126,6 +127,28 @@ def last_records(directory: Path, count: int) -> list[Record]:
         if len(out) >= count:
             break
     return out
+
+
+def line_hash(directory: Path, seq: int) -> str | None:
+    """The SHA-256 of record `seq`'s line (what the next record's `prev` names), or None if it is not there.
+
+    Read from the next record's `prev` when there is one, else from the
+    last line of the log; a snapshot of anything built from the log up to
+    `seq` can be checked against it later.
+    """
+    if seq < 1:
+        return None
+    for record in read_records(directory, from_seq=seq + 1, to_seq=seq + 1):
+        return record.prev
+    for path in reversed(list_segments(Path(directory))):
+        lines = last_lines(path, 1)
+        if lines:
+            try:
+                last = line_seq(lines[0])
+            except ValueError:
+                return None
+            return hashlib.sha256(lines[0]).hexdigest() if last == seq else None
+    return None
 
 
 def head_seq(directory: Path) -> int:

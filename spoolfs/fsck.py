@@ -40,6 +40,7 @@ import msgspec
 
 from events import read_records
 from events import schema as ev
+from events.reader import Cursor, poll
 from spoolfs import durable
 from spoolfs.claim import claim
 from spoolfs.errors import MessageBusy, MessageNotFound
@@ -88,8 +89,22 @@ def fsck(
     Files in tmp/ younger than `tmp_age` seconds are left alone: they may be
     an enqueue in progress.
     """
+    return check(spool, replay_log(spool), repair=repair, tmp_age=tmp_age, progress=progress)[0]
+
+
+def check(
+    spool: Spool,
+    state: Replay,
+    *,
+    repair: bool = False,
+    tmp_age: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[FsckReport, Replay]:
+    """fsck against `state`, the log replayed up to some seq (it is caught up as needed).
+
+    Returns the report and the state as of the end, for a checkpoint.
+    """
     lay = spool.layout
-    state = replay_log(spool)
     candidates: set[str] = set(state.states)
     for nn in lay.subspool_names():
         try:
@@ -113,7 +128,8 @@ def fsck(
         problems.extend(fixer.examine(mid))
         if progress is not None:
             progress(1)
-    return FsckReport(problems=problems, messages=len(fixer.state.states), last_seq=fixer.state.last_seq)
+    report = FsckReport(problems=problems, messages=len(fixer.state.states), last_seq=fixer.state.last_seq)
+    return report, fixer.state
 
 
 class _Files(msgspec.Struct):
@@ -132,6 +148,18 @@ class _Fixer:
         self.state = state
         self.repair = repair
         self.old_tmp = old_tmp
+        self.cursor: Cursor | None = None
+
+    def catch_up(self) -> None:
+        """Apply what the log gained since; reads only the new bytes after the first call.
+
+        (Re-reading the log's last segment from its start for every repair made
+        a recovery with 13,000 problems take more than a quarter of an hour.)
+        """
+        if self.cursor is None:
+            self.cursor = Cursor(self.state.last_seq + 1)
+        records, self.cursor = poll(self.lay.events, self.cursor)
+        self.state = replay(records, self.state)
 
     def files(self, mid: str) -> _Files:
         try:
@@ -193,14 +221,14 @@ class _Fixer:
             except (MessageBusy, MessageNotFound) as exc:
                 return [Problem(kind=k, id=mid, detail=f"{d}; not repaired: {exc}") for k, d in found]
             # look again now that nobody else can touch it
-            self.state = replay_log(self.spool, self.state)
+            self.catch_up()
             found = self.diagnose(mid, self.files(mid))
             for kind, _ in found:
                 self.spool.log.append(
                     ev.SpoolRepaired(id=mid, problem=kind, action=self.mend(mid, kind)), self.spool.actor
                 )
             if any(k == "vanished" for k, _ in found):
-                self.state = replay_log(self.spool, self.state)
+                self.catch_up()
         return [Problem(kind=k, id=mid, detail=d, repaired=True) for k, d in found]
 
     def mend(self, mid: str, kind: Kind) -> str:

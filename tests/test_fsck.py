@@ -139,3 +139,27 @@ def test_fsck_without_repair_changes_nothing(spool: Spool) -> None:
     assert kinds(spool) == [("missing-sidecar", a)]
     assert sorted(p.name for p in spool.layout.data.rglob("*")) == before
     assert b"".join(p.read_bytes() for p in sorted(spool.layout.events.glob("*.jsonl"))) == log_before
+
+
+def test_repairs_read_only_what_the_log_gained(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each repair catches up with the log; re-reading the segment from its start each time made
+    a recovery with 13,000 problems take more than a quarter of an hour."""
+    import events.reader
+
+    ids = put(spool, 6)
+    for mid in ids:
+        os.unlink(spool.layout.eml(mid))
+    starts: list[int] = []
+    real = events.reader.read_lines
+
+    def spy(path: Path, start: int = 0, chunk: int = 1 << 22) -> object:
+        starts.append(start)
+        return real(path, start, chunk)
+
+    monkeypatch.setattr(events.reader, "read_lines", spy)
+    report = fsck(spool, repair=True, tmp_age=0)
+    assert [p.kind for p in report.problems] == ["vanished"] * 6
+    # the first replay and the first catch-up read from the top; every later one from where it stopped
+    assert starts.count(0) <= 2, starts
+    monkeypatch.undo()
+    assert_consistent(spool)

@@ -45,11 +45,19 @@ def shard() -> tuple[int, int]:
 
 
 def recover(config: Config) -> None:
-    """The recovery fsck at start (run by the supervisor, in this process of its own)."""
-    from spoolfs.fsck import fsck
+    """The recovery fsck at start (run by the supervisor, in this process of its own).
+
+    It replays the log from the checkpoint the previous recovery left, and
+    leaves a new one for the next."""
+    from spoolfs import checkpoint
+    from spoolfs.fsck import check, replay_log
 
     with Spool.open(config, actor="system") as spool:
-        report = fsck(spool, repair=True, tmp_age=0)
+        start, why = checkpoint.load(spool.layout)
+        if start is None and why != "no checkpoint":
+            print(f"recovery: {why}", flush=True)
+        report, state = check(spool, replay_log(spool, start), repair=True, tmp_age=0)
+        checkpoint.save(spool.layout, state)
     mended = [p for p in report.problems if p.repaired]
     if report.problems:
         print(f"recovery: {len(mended)} of {len(report.problems)} problems repaired", flush=True)
