@@ -30,6 +30,9 @@ _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A segment is closed and a new one started past this size.
     segment_bytes: int = 64 << 20
+    # While `spool serve` runs, the replay checkpoint is moved up after this
+    # many events, so that a start replays at most about this many.
+    checkpoint_every: int = 1_000_000
 
 
 class SmtpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -187,6 +190,8 @@ def _validate(source: str, config: Config, data: Path, node: str) -> None:
         raise _fail(source, "subspools", "must be between 1 and 256")
     if config.events.segment_bytes < 4096:
         raise _fail(source, "events.segment_bytes", "must be at least 4096")
+    if config.events.checkpoint_every < 1:
+        raise _fail(source, "events.checkpoint_every", "must be at least 1")
     for key, value in (
         ("smtp.listen", config.smtp.listen),
         ("delivery.relayhost", config.delivery.relayhost),

@@ -251,3 +251,53 @@ def test_a_save_killed_half_way_leaves_the_old_checkpoint_usable(config: Config,
     assert not tmp.exists()
     start, why = checkpoint.load(spool.layout)
     assert start is not None and len(start.states) == 2
+
+
+def test_advance_moves_the_checkpoint_to_the_head_reading_only_after_the_old_one(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = put(spool, 2)
+    seq, why = checkpoint.advance(spool.layout, lambda start: replay_log(spool, start))
+    assert (seq, why) == (head(spool), "no checkpoint")
+    spool.hold([a])
+    spool.delete([b])
+    seen = first_seq_read(monkeypatch)
+    new_seq, why = checkpoint.advance(spool.layout, lambda start: replay_log(spool, start))
+    assert seen == [seq + 1] and why == f"checkpoint at seq {seq}"
+    assert new_seq == head(spool)
+    monkeypatch.undo()
+    start, _ = checkpoint.load(spool.layout)
+    assert start is not None and start.states == replay_log(spool).states
+    assert set(start.states) == {a} and start.states[a].status == "held"
+
+
+def test_the_running_server_moves_the_checkpoint_up(tmp_path: Path) -> None:
+    from peers import free_port
+    from serve_fixture import cli, serve, wait_until
+
+    data = tmp_path / "data"
+    layout = Spool.open(load_config(data_dir=str(data)), actor="cli:test").layout
+    raw = tmp_path / "m.eml"
+    raw.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+
+    def checkpoint_seq() -> int:
+        start, _ = checkpoint.load(layout)
+        return start.last_seq if start is not None else 0
+
+    with serve(data, free_port(), "--mynetworks", "127.0.0.0/8", config="[events]\ncheckpoint_every = 5\n"):
+        services = cli(data, "services", "stop", "delivery")
+        assert services.returncode == 0, services.stderr
+        before = checkpoint_seq()
+        for _ in range(6):
+            done = cli(data, "enqueue", str(raw), "--from", "a@example.com", "--to", "b@remote.test")
+            assert done.returncode == 0, done.stderr
+        wait_until(lambda: checkpoint_seq() >= before + 6, 30, "the checkpoint to move up")
+    start, _ = checkpoint.load(layout)
+    assert start is not None and len(start.states) == 6
+    assert start.states == replay_log_at(data, start.last_seq)
+
+
+def replay_log_at(data: Path, seq: int) -> dict[str, object]:
+    from spoolfs.state import replay
+
+    return dict(replay(read_records(data / "events", to_seq=seq)).states)

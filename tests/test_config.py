@@ -151,6 +151,9 @@ BAD_CONFIGS = [
     pytest.param("subspools = 257\n", "subspools", "between 1 and 256", id="subspools-too-many"),
     pytest.param("subspools = -3\n", "subspools", "between 1 and 256", id="subspools-negative"),
     pytest.param("[events]\nsegment_bytes = 10\n", "events.segment_bytes", "4096", id="segment-too-small"),
+    pytest.param(
+        "[events]\ncheckpoint_every = 0\n", "events.checkpoint_every", "at least 1", id="checkpoint-never"
+    ),
     pytest.param('node = "a b"\n', "node", "not a valid node name", id="bad-node"),
     pytest.param('source = "x"\n', "source", "unknown key", id="resolved-field-not-a-key"),
 ]

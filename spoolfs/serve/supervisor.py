@@ -10,6 +10,9 @@ and acts on service control events from the log.
   `service_stopped` event (actor `system`, with the pid).
 - `spool services stop NAME` (an event by actor cli:USER) stops that
   service's processes within a second; `start` starts them again.
+- Before anything starts, a child process runs the recovery fsck; while
+  the server runs, every `events.checkpoint_every` events a child moves the
+  replay checkpoint up, so that the next start replays little of the log.
 - SIGTERM/SIGINT: SIGTERM to every worker (they stop accepting and finish
   what is in flight), SIGKILL whatever is left after `grace` seconds.
   SIGHUP: the config is re-read; if it is valid, workers get SIGHUP.
@@ -65,6 +68,8 @@ class Supervisor:
         self.stopping = False
         self.reload_wanted = False
         self.log: EventLog | None = None
+        self.checkpointer: subprocess.Popen[bytes] | None = None
+        self.checkpointed = 0  # the log's head when the last checkpoint was begun
 
     def _load(self) -> Config:
         return apply_overrides(load_config(self.config_path, data_dir=self.data_dir), self.overrides)
@@ -197,6 +202,7 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
             cursor = Cursor(head_seq(self.data / "events") + 1)
+            self.checkpointed = cursor.next_seq - 1
             stopped = set(read_state(self.data).stopped)
             self.say(
                 f"spool serve: data in {self.data}, SMTP on {self.config.smtp.listen}, "
@@ -213,12 +219,32 @@ class Supervisor:
                     self._reload()
                 self._reap()
                 cursor = self._follow(cursor)
+                self._checkpoint(cursor.next_seq - 1)
             for name in list(dict.fromkeys(s.service for s in self.slots)):
                 self.stop_service(name, "spool serve stopping")
             return 0
         finally:
             self._terminate(self.slots)
+            if self.checkpointer is not None and self.checkpointer.poll() is None:
+                self.checkpointer.terminate()  # a checkpoint cut short leaves the old one
+                self.checkpointer.wait()
             self.log.close()
+
+    def _checkpoint(self, head: int) -> None:
+        """Every `events.checkpoint_every` events, a child moves the replay checkpoint up."""
+        if self.checkpointer is not None:
+            if self.checkpointer.poll() is None:
+                return
+            if self.checkpointer.returncode != 0:
+                self.say(
+                    f"checkpoint exited with {self.checkpointer.returncode}; the next start replays more"
+                )
+            self.checkpointer = None
+        if head - self.checkpointed >= self.config.events.checkpoint_every:
+            self.checkpointed = head
+            self.checkpointer = subprocess.Popen(
+                [sys.executable, "-m", "spoolfs.serve.worker", "checkpoint"], env=self._env()
+            )
 
     def _recover(self) -> None:
         """Finish what a crash left half-done (like Postfix's queue check at start).

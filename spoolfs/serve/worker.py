@@ -65,6 +65,15 @@ def recover(config: Config) -> None:
             print(f"  {p.kind} {p.id} {p.detail}{'' if p.repaired else ' [NOT repaired]'}", flush=True)
 
 
+def advance_checkpoint(config: Config) -> None:
+    """Move the replay checkpoint up to the log's head (run by the supervisor, in this process of its own)."""
+    from spoolfs import checkpoint
+    from spoolfs.fsck import replay_log
+
+    with Spool.open(config, actor="system") as spool:
+        checkpoint.advance(spool.layout, lambda start: replay_log(spool, start))
+
+
 async def _run(name: str, config: Config) -> None:
     spool = Spool.open(config, actor=name)
     try:
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         config = worker_config()
         if name == "recover":
             recover(config)
+            return 0
+        if name == "checkpoint":
+            advance_checkpoint(config)
             return 0
         try:
             import uvloop  # a faster event loop when installed
