@@ -8,7 +8,8 @@ leaves a checkpoint, and while the server runs, the supervisor has a child
 process move it up every `events.checkpoint_every` events (`advance`), so a start
 after a long run replays little too. A checkpoint holds the state of every
 message in the spool: making one takes memory in proportion to the spool
-(about 1 KB a queued message), in a short-lived process.
+(about 2.5 KB a queued message), in a short-lived process; while the server
+runs, it is skipped during a large backlog (see serve/worker.py).
 
 The checkpoint is `spool/replay-checkpoint.json` (msgspec JSON; `jq`
 reads it): the seq it stands at, the SHA-256 of that record's line, the

@@ -301,3 +301,20 @@ def replay_log_at(data: Path, seq: int) -> dict[str, object]:
     from spoolfs.state import replay
 
     return dict(replay(read_records(data / "events", to_seq=seq)).states)
+
+
+def test_no_checkpoint_is_made_while_the_spool_is_too_large(
+    config: Config, spool: Spool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Making one takes memory in proportion to the spool; during a backlog it waits."""
+    from spoolfs.serve import worker
+
+    put(spool, 3)
+    monkeypatch.setattr(worker, "CHECKPOINT_MAX_SPOOL", 2)
+    worker.advance_checkpoint(config)
+    assert not checkpoint.path_of(spool.layout).exists()
+    assert "skipped, 3 messages queued" in capsys.readouterr().out
+    monkeypatch.setattr(worker, "CHECKPOINT_MAX_SPOOL", 3)
+    worker.advance_checkpoint(config)
+    start, _ = checkpoint.load(spool.layout)
+    assert start is not None and len(start.states) == 3
