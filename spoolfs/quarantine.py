@@ -165,6 +165,7 @@ _QUARANTINE_EVENTS = (
     ev.QuarantinePurged,
     ev.QuarantineResent,
 )
+_QUARANTINE_TYPES = [str(cls.__struct_config__.tag) for cls in _QUARANTINE_EVENTS]
 
 
 class Quarantine:
@@ -179,6 +180,9 @@ class Quarantine:
         self.actor = actor
         self.root = layout.quarantine
         self.tmp = self.root / "tmp"
+        # bodies recover() found the log never heard of, with their mtimes:
+        # judged once, not again (each judgement reads the whole log)
+        self._strays: dict[str, tuple[float, ...]] = {}
         try:
             for d in (self.tmp, *(self.root / k for k in KINDS)):
                 d.mkdir(parents=True, exist_ok=True)
@@ -436,6 +440,8 @@ class Quarantine:
 
         Looks at tmp/ and at bodies without sidecars, older than `tmp_age`
         seconds and not claimed by a live process; the log decides each one.
+        A body the log never heard of is left alone, and not judged again
+        until it changes.
         """
         now = time.time()
         candidates: dict[str, list[Path]] = {}
@@ -449,17 +455,27 @@ class Quarantine:
                 if directory != self.tmp and (ext != "eml" or (directory / f"{stem}.json").exists()):
                     continue  # a complete pair
                 candidates.setdefault(stem, []).append(directory / name)
-        if not candidates:
+        # Only then read the log, and only if something is left to judge: the
+        # purge service calls this every few minutes, the log only grows.
+        ready: dict[str, tuple[list[Path], tuple[float, ...]]] = {}
+        for mid, paths in candidates.items():
+            try:
+                stamps = tuple(p.stat().st_mtime for p in paths)
+            except FileNotFoundError:
+                continue  # moving right now: next time
+            if any(now - t < tmp_age for t in stamps) or self._strays.get(mid) == stamps:
+                continue
+            ready[mid] = (paths, stamps)
+        if not ready:
             return []
-        last = self._last_records(set(candidates))
+        last = self._last_records(set(ready))
         done: list[tuple[str, str]] = []
-        for mid, paths in sorted(candidates.items()):
-            with contextlib.suppress(FileNotFoundError):
-                if any(now - p.stat().st_mtime < tmp_age for p in paths):
-                    continue
+        for mid, (paths, stamps) in sorted(ready.items()):
             action = self._recover_one(mid, paths, last.get(mid))
             if action:
                 done.append((mid, action))
+            elif mid not in last and all(p.parent != self.tmp for p in paths):
+                self._strays[mid] = stamps
         return done
 
     def _recover_one(self, mid: str, paths: list[Path], record: Record | None) -> str:
@@ -504,7 +520,7 @@ class Quarantine:
 
     def _last_records(self, ids: set[str]) -> dict[str, Record]:
         last: dict[str, Record] = {}
-        for record in read_records(self.layout.events):
+        for record in read_records(self.layout.events, types=_QUARANTINE_TYPES):
             p = record.payload
             if isinstance(p, _QUARANTINE_EVENTS) and p.id in ids:
                 last[p.id] = record

@@ -22,6 +22,7 @@ from cli.main import app
 from events import read_records
 from events import schema as ev
 from events.schema import Verdict
+from spoolfs import quarantine as quarantine_module
 from spoolfs.config import Config, ScanConfig, load_config
 from spoolfs.ids import check_id, new_id
 from spoolfs.quarantine import (
@@ -475,3 +476,29 @@ def test_recover_leaves_files_the_log_never_heard_of(q: Quarantine, data: Path) 
     stray.write_bytes(RAW)
     age(stray)
     assert q.recover() == [] and stray.exists()
+
+
+def test_recover_judges_a_stray_once_and_reads_the_log_only_when_there_is_something_to_judge(
+    q: Quarantine, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge service calls recover() every few minutes; each judgement reads the whole log."""
+    reads: list[object] = []
+    real = quarantine_module.read_records
+
+    def spy(*args: object, **kw: object) -> object:
+        reads.append(kw.get("types"))
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quarantine_module, "read_records", spy)
+    young = data / "quarantine" / "tmp" / f"{new_id()}.eml"
+    young.write_bytes(RAW)
+    assert q.recover() == [] and reads == []  # young: nothing to judge, no read
+    young.unlink()
+    stray = data / "quarantine" / "spam" / f"{new_id()}.eml"
+    stray.write_bytes(RAW)
+    age(stray)
+    assert q.recover() == [] and len(reads) == 1
+    assert reads[0] and "message_quarantined" in reads[0]  # type: ignore[operator]
+    assert q.recover() == [] and len(reads) == 1  # judged before, unchanged
+    age(stray, 7200)  # changed since: judged again
+    assert q.recover() == [] and len(reads) == 2 and stray.exists()
