@@ -442,7 +442,7 @@ def test_failed_sync_keeps_a_batch_another_writer_chained_on(
                 # while our batch syncs, the other writer appends (and syncs) after it
                 writer = threading.Thread(target=other.append, args=(MessageReleased(id="later"), "y"))
                 writer.start()
-                writer.join(5)
+                writer.join(15)
                 state["other_appended_during_sync"] = not writer.is_alive()
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             real(fd)
@@ -478,7 +478,7 @@ def test_other_writers_append_while_a_batch_syncs(log_dir: Path, monkeypatch: py
     def fdatasync(fd: int) -> None:
         if threading.current_thread() is slow._thread and not release.is_set():
             in_sync.set()
-            release.wait(5)
+            release.wait(20)
         real(fd)
 
     monkeypatch.setattr(events.log.os, "fdatasync", fdatasync)
@@ -487,7 +487,7 @@ def test_other_writers_append_while_a_batch_syncs(log_dir: Path, monkeypatch: py
         assert in_sync.wait(10)
         # the other writer gets the lock, writes after the slow batch and returns
         fast = other.submit([MessageReleased(id="fast")], actor="y")
-        assert fast.result(3)[0].seq == 2
+        assert fast.result(15)[0].seq == 2
         release.set()
         assert ticket.result(10)[0].seq == 1
         assert_chain(disk_lines(log_dir))
@@ -513,7 +513,7 @@ def test_a_new_segment_starts_only_after_the_old_one_is_synced(
     def fdatasync(fd: int) -> None:
         if threading.current_thread() is slow._thread and not release.is_set():
             in_sync.set()
-            release.wait(5)
+            release.wait(20)
         elif threading.current_thread() is other._thread:
             journal.append(("sync", name(fd)))
         real_sync(fd)
