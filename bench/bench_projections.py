@@ -62,12 +62,10 @@ from bench.common import (
     out,
     parser,
     positive_int,
-    run_threads,
-    split,
     temp_dir,
 )
 from bench.postfix import postfix_instance, run_smtp_source
-from bench.serve import RECIPIENT, SENDER, SPOOL, provenance, smtp_source_like
+from bench.serve import RECIPIENT, SPOOL, fill_spool, provenance, smtp_source_like
 from events import EventLog
 from events import schema as ev
 from events.log import DEFAULT_SEGMENT_BYTES
@@ -440,29 +438,6 @@ def part_log(args: Any, base: Path) -> Report:
 
 
 # --- part 2: against Postfix ------------------------------------------------------------
-
-
-def fill_spool(data: Path, raw: bytes, total: int, threads: int, max_seconds: float) -> float:
-    """Enqueue `total` copies of `raw` through Spool.enqueue from `threads` threads; return seconds."""
-    from spoolfs.config import load_config
-    from spoolfs.spool import Spool
-
-    quotas = split(total, threads)
-    with Spool.open(load_config(data_dir=str(data)), actor="smtp") as spool:
-
-        def work(i: int, deadline: float) -> int:
-            done = 0
-            for _ in range(quotas[i]):
-                if clock() > deadline:
-                    break
-                spool.enqueue(raw, SENDER, [RECIPIENT], source="smtp", client_ip="127.0.0.1", helo="vm")
-                done += 1
-            return done
-
-        seconds, done = run_threads(threads, work, max_seconds)
-    if done != total:
-        raise RuntimeError(f"filled {done} of {total} messages within {max_seconds:g} s")
-    return seconds
 
 
 def spool_ids(data: Path) -> list[str]:

@@ -242,26 +242,30 @@ class Server:
 
     def fill_library(self, raw: bytes, total: int, threads: int = 20, max_seconds: float = 3600.0) -> float:
         """Enqueue `total` copies of `raw` through Spool.enqueue from `threads` threads; return seconds."""
-        from spoolfs.config import load_config
-        from spoolfs.spool import Spool
+        return fill_spool(self.data, raw, total, threads, max_seconds)
 
-        quotas = split(total, threads)
-        config = load_config(data_dir=str(self.data))
-        with Spool.open(config, actor="smtp") as spool:
 
-            def work(i: int, deadline: float) -> int:
-                done = 0
-                for _ in range(quotas[i]):
-                    if clock() > deadline:
-                        break
-                    spool.enqueue(raw, SENDER, [RECIPIENT], source="smtp", client_ip="127.0.0.1", helo="vm")
-                    done += 1
-                return done
+def fill_spool(data: Path, raw: bytes, total: int, threads: int = 20, max_seconds: float = 3600.0) -> float:
+    """Enqueue `total` copies of `raw` into the spool in `data` from `threads` threads; return seconds."""
+    from spoolfs.config import load_config
+    from spoolfs.spool import Spool
 
-            seconds, done = run_threads(threads, work, max_seconds)
-        if done != total:
-            raise RuntimeError(f"filled {done} of {total} messages within {max_seconds:g} s")
-        return seconds
+    quotas = split(total, threads)
+    with Spool.open(load_config(data_dir=str(data)), actor="smtp") as spool:
+
+        def work(i: int, deadline: float) -> int:
+            done = 0
+            for _ in range(quotas[i]):
+                if clock() > deadline:
+                    break
+                spool.enqueue(raw, SENDER, [RECIPIENT], source="smtp", client_ip="127.0.0.1", helo="vm")
+                done += 1
+            return done
+
+        seconds, done = run_threads(threads, work, max_seconds)
+    if done != total:
+        raise RuntimeError(f"filled {done} of {total} messages within {max_seconds:g} s")
+    return seconds
 
 
 @contextlib.contextmanager
