@@ -35,15 +35,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
-from events import line_hash
+from events import line_hash, read_records
 from spoolfs import durable
 from spoolfs.layout import Layout
-from spoolfs.state import Replay, Sidecar
+from spoolfs.state import Replay, Sidecar, replay
 
 NAME = "replay-checkpoint.json"
 
@@ -96,14 +95,13 @@ def save(layout: Layout, state: Replay) -> bool:
     return True
 
 
-def advance(layout: Layout, replay_from: Callable[[Replay | None], Replay]) -> tuple[int, str]:
+def advance(layout: Layout) -> tuple[int, str]:
     """Move the checkpoint up to the log's head: (its new seq, what it started from).
 
-    `replay_from(start)` replays the log after `start` (from seq 1 if None).
     Changes nothing but the checkpoint; safe while the server runs.
     """
     start, why = load(layout)
-    state = replay_from(start)
+    state = replay(read_records(layout.events, from_seq=start.last_seq + 1 if start else 1), start)
     save(layout, state)
     return state.last_seq, why
 

@@ -75,7 +75,6 @@ CHECKPOINT_MAX_SPOOL = 25_000
 def advance_checkpoint(config: Config) -> None:
     """Move the replay checkpoint up to the log's head (run by the supervisor, in this process of its own)."""
     from spoolfs import checkpoint
-    from spoolfs.fsck import replay_log
 
     with Spool.open(config, actor="system") as spool:
         queued = len(spool.ids())
@@ -85,7 +84,7 @@ def advance_checkpoint(config: Config) -> None:
                 flush=True,
             )
             return
-        checkpoint.advance(spool.layout, lambda start: replay_log(spool, start))
+        checkpoint.advance(spool.layout)
 
 
 async def _run(name: str, config: Config) -> None:
